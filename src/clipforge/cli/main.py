@@ -1,0 +1,156 @@
+"""The ``clipforge`` command: models, classify, convert.
+
+Errors a user can cause print one sentence and exit with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from clipforge.errors import ClipforgeError
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    import torch
+
+    from clipforge.checkpoints import RELEASED
+    from clipforge.models import available_models, create_model
+
+    rows = []
+    for name in available_models():
+        with torch.device("meta"):
+            model = create_model(name)
+        v = model.config.vision
+        tower = f"ViT {v.width}w x{v.layers} /{v.patch_size}" if v.type == "vit" else f"ResNet {v.width}w {list(v.layers)}"
+        params = sum(p.numel() for p in model.parameters())
+        rows.append((name, tower, str(v.image_size), f"{params / 1e6:.2f}M", "yes" if name in RELEASED else "-"))
+    _print_table(("model", "image tower", "res", "params", "OpenAI weights"), rows)
+    return 0
+
+
+def _print_table(header: Sequence[str], rows: list[Sequence[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+
+
+def _labels(args: argparse.Namespace) -> list[str]:
+    labels = [label.strip() for label in (args.labels or "").split(",") if label.strip()]
+    if args.labels_file:
+        path = Path(args.labels_file)
+        if not path.is_file():
+            raise ClipforgeError(f"labels file '{path}' does not exist; check the path")
+        labels += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not labels:
+        raise ClipforgeError("no labels given; pass --labels 'a dog,a cat' or --labels-file FILE")
+    return labels
+
+
+def _templates(spec: str) -> list[str]:
+    from clipforge.evaluation import get_templates
+
+    if spec == "none":
+        return ["{}"]
+    path = Path(spec)
+    if path.is_file():
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return get_templates(spec)
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    import torch
+
+    from clipforge.checkpoints import load
+    from clipforge.evaluation import build_zero_shot_classifier
+    from clipforge.transforms import load_image
+
+    labels = _labels(args)
+    model, preprocess = load(args.model, device=args.device, quick_gelu=args.quick_gelu)
+    classifier = build_zero_shot_classifier(model, labels, _templates(args.templates))
+    failures = 0
+    for image_path in args.images:
+        try:
+            image = preprocess(load_image(image_path)).unsqueeze(0).to(args.device)
+        except ClipforgeError as error:
+            print(f"skipped: {error}", file=sys.stderr)
+            failures += 1
+            continue
+        with torch.no_grad():
+            features = model.encode_image(image, normalize=True).float()
+            probs = (model.logit_scale_value().float() * features @ classifier).softmax(dim=-1)[0]
+        top = probs.topk(min(args.top, len(labels)))
+        print(f"\n{image_path}")
+        _print_table(("rank", "label", "prob"), [
+            (str(rank + 1), labels[i], f"{p:.4f}") for rank, (p, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()))
+        ])
+    if failures:
+        print(f"\n{failures} of {len(args.images)} images could not be read", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from clipforge.checkpoints import load, save
+
+    model, _ = load(args.source, quick_gelu=args.quick_gelu)
+    written = save(model, args.dest, format=args.to)
+    print(f"wrote {args.to} checkpoint of {model.config.name} to {written}")
+    return 0
+
+
+def _quick_gelu(value: str) -> bool | None:
+    return {"auto": None, "yes": True, "no": False}[value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipforge", description="CLIP models: classify, convert, list.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="list the built-in architectures")
+    models.set_defaults(run=_cmd_models)
+
+    gelu_help = "activation for formats that do not record it: auto (QuickGELU for OpenAI layouts), yes, no"
+    classify = sub.add_parser("classify", help="zero-shot classify images with prompt-ensembled labels")
+    classify.add_argument("images", nargs="+", help="image files")
+    classify.add_argument("--labels", help="comma-separated class names, e.g. 'dog,cat,bird'")
+    classify.add_argument("--labels-file", help="a file with one class name per line")
+    classify.add_argument("--model", required=True, help="checkpoint path, released name (ViT-B-32) or hf-hub:ORG/REPO")
+    classify.add_argument("--templates", default="imagenet",
+                          help="prompt set: imagenet (80 prompts, default), simple (7), none, or a file of templates with {}")
+    classify.add_argument("--top", type=int, default=5, help="how many labels to show per image")
+    classify.add_argument("--device", default="cpu")
+    classify.add_argument("--quick-gelu", choices=("auto", "yes", "no"), default="auto", help=gelu_help)
+    classify.set_defaults(run=_cmd_classify)
+
+    convert = sub.add_parser("convert", help="convert a checkpoint between formats")
+    convert.add_argument("source", help="checkpoint path, released name or hf-hub:ORG/REPO")
+    convert.add_argument("dest", help="output folder (or .safetensors file for --to clipforge)")
+    convert.add_argument("--to", required=True, choices=("hf", "open_clip", "clipforge"))
+    convert.add_argument("--quick-gelu", choices=("auto", "yes", "no"), default="auto", help=gelu_help)
+    convert.set_defaults(run=_cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "quick_gelu"):
+        args.quick_gelu = _quick_gelu(args.quick_gelu)
+    try:
+        return args.run(args)
+    except ClipforgeError as error:
+        if args.debug:
+            raise
+        print(f"clipforge: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clipforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

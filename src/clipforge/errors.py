@@ -1,0 +1,37 @@
+"""Errors that clipforge raises on purpose.
+
+Every error a user can cause (bad path, bad config, unknown model, corrupt file) is a
+``ClipforgeError`` whose message is one sentence saying what went wrong and what to do.
+The CLI prints that sentence alone; ``--debug`` shows the traceback.
+"""
+
+
+class ClipforgeError(Exception):
+    """Base class: a problem with the user's input, not a bug in clipforge."""
+
+
+class ConfigError(ClipforgeError, ValueError):
+    """A model or training configuration is invalid; the message names the field."""
+
+
+class UnknownModelError(ClipforgeError, KeyError):
+    """A model name is neither a built-in architecture nor an existing file."""
+
+    def __str__(self) -> str:  # KeyError would wrap the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(ClipforgeError):
+    """A checkpoint is missing, truncated, of an unknown format, or does not fit the model."""
+
+
+class DownloadError(ClipforgeError):
+    """A download failed, or the downloaded file does not match its expected checksum."""
+
+
+class ImageError(ClipforgeError):
+    """An image file cannot be opened or decoded."""
+
+
+class TokenizerError(ClipforgeError, RuntimeError):
+    """A text cannot be tokenized as asked (for example it is too long and truncation is off)."""

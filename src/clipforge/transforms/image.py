@@ -1,0 +1,195 @@
+"""Image preprocessing that reproduces OpenAI CLIP's ``preprocess`` bit for bit, without torchvision.
+
+OpenAI's eval transform (``clip.clip._transform``) is torchvision's
+``Resize(n, BICUBIC) -> CenterCrop(n) -> convert("RGB") -> ToTensor -> Normalize``. Every step is
+re-done here with the same Pillow calls and the same float32 operations in the same order, so the
+output tensors are ``torch.equal`` to the reference. torchvision is never imported: it is heavy and
+only a thin layer over Pillow for this pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from clipforge.errors import ConfigError, ImageError
+
+__all__ = ["OPENAI_MEAN", "OPENAI_STD", "ImageTransform", "image_transform", "load_image", "to_pil"]
+
+#: Per-channel RGB mean and std of OpenAI's training data (from ``clip/clip.py``).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+ImageInput = Union[Image.Image, str, os.PathLike, np.ndarray]
+
+
+def load_image(path: Union[str, os.PathLike]) -> Image.Image:
+    """Open and fully decode an image, so a corrupt or truncated file fails here, naming the file.
+
+    Pillow decodes lazily; without ``load()`` a truncated JPEG would only fail later inside a
+    DataLoader worker with no file name. EXIF orientation is deliberately *not* applied, because
+    OpenAI's ``preprocess`` does not apply it either.
+    """
+    name = os.fspath(path)
+    try:
+        with Image.open(name) as img:
+            img.load()
+    except FileNotFoundError:
+        raise ImageError(f"cannot read image '{name}': no such file; check the path") from None
+    except IsADirectoryError:
+        raise ImageError(f"cannot read image '{name}': it is a directory; pass an image file") from None
+    except PermissionError as e:
+        raise ImageError(f"cannot read image '{name}': {e.strerror}; check the file permissions") from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"cannot read image '{name}': not a recognised image format; check the file is a valid image"
+        ) from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(
+            f"cannot read image '{name}': {e}; raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow's decoders raise all of these
+        raise ImageError(f"cannot read image '{name}': {e}; check the file is a valid image") from e
+    return img
+
+
+def to_pil(image: ImageInput) -> Image.Image:
+    """Accept a PIL image, a path, or a uint8 array (HW, HWC with 1/3/4 channels) and return a PIL image."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(f"image arrays must be uint8 (0-255), got dtype {image.dtype}; convert it first")
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+            raise TypeError(f"image arrays must be HxW or HxWxC with C in (1, 3, 4), got shape {image.shape}")
+        return Image.fromarray(np.ascontiguousarray(image))
+    raise TypeError(f"expected a PIL image, a path or a numpy uint8 array, got {type(image).__name__}")
+
+
+def resize_shorter_side(img: Image.Image, size: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
+    """Resize so the shorter side is ``size``, with torchvision's rounding of the long side.
+
+    torchvision computes ``int(size * long / short)`` (truncation, float division); other rounding
+    choices give a one-pixel-different long side and a shifted center crop.
+    """
+    w, h = img.size
+    if w == 0 or h == 0:
+        raise ImageError(f"cannot preprocess an empty image of size {w}x{h}")
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    if (new_w, new_h) == (w, h):  # torchvision returns the image untouched; PIL would copy it
+        return img
+    # Pillow itself premultiplies alpha for LA/RGBA and forces NEAREST for "1"/"P", as in the reference.
+    return img.resize((new_w, new_h), resample)
+
+
+def _crop(img: Image.Image, top: int, left: int, size: int) -> Image.Image:
+    if (left, top, size, size) == (0, 0, *img.size):
+        return img
+    return img.crop((left, top, left + size, top + size))
+
+
+class ImageTransform:
+    """PIL image / path / uint8 array -> normalised float32 tensor of shape [3, S, S].
+
+    ``train=False`` is OpenAI's eval ``preprocess`` exactly. ``train=True`` is the CLIP paper's only
+    augmentation: a random square crop of the shorter-side-resized image. Its crop offsets are drawn
+    exactly like torchvision's ``RandomCrop`` (same RNG calls), so the two agree under one seed.
+    The object is a plain class so it pickles into DataLoader workers. With ``generator=None`` it uses
+    torch's global RNG, which DataLoader seeds differently per worker; a shared ``generator`` would be
+    copied into every worker and give each the same crops.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        train: bool = False,
+        mean: Sequence[float] = OPENAI_MEAN,
+        std: Sequence[float] = OPENAI_STD,
+        interpolation: str = "bicubic",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+            raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
+        if interpolation not in _RESAMPLE:
+            raise ConfigError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if len(mean) != 3 or len(std) != 3:
+            raise ConfigError(f"mean and std must have 3 values (R, G, B), got {len(mean)} and {len(std)}")
+        if any(s == 0 for s in std):
+            raise ConfigError(f"std must not contain zeros, got {std}")
+        self.image_size = image_size
+        self.train = bool(train)
+        self.mean, self.std = mean, std
+        self.interpolation = interpolation
+        self.generator = generator
+        # float32 like torchvision's Normalize, which casts mean/std to the tensor's dtype.
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def crop_offsets(self, height: int, width: int) -> tuple[int, int]:
+        """(top, left) of the square crop in a resized image of the given size."""
+        s = self.image_size
+        if not self.train:
+            # torchvision's CenterCrop; it would zero-pad a smaller image, but after a shorter-side
+            # resize to s both sides are >= s (int(s * long / short) >= s), so padding never happens.
+            return int(round((height - s) / 2.0)), int(round((width - s) / 2.0))
+        if height == s and width == s:  # RandomCrop returns early without drawing numbers
+            return 0, 0
+        top = int(torch.randint(0, height - s + 1, size=(1,), generator=self.generator).item())
+        left = int(torch.randint(0, width - s + 1, size=(1,), generator=self.generator).item())
+        return top, left
+
+    def to_tensor(self, img: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> normalised CHW float32, same float ops and order as ToTensor + Normalize."""
+        arr = np.asarray(img)  # HWC uint8
+        chw = torch.from_numpy(arr.transpose(2, 0, 1).copy())
+        return chw.to(torch.float32).div_(255).sub_(self._mean).div_(self._std)
+
+    def __call__(self, image: ImageInput) -> torch.Tensor:
+        img = to_pil(image)
+        img = resize_shorter_side(img, self.image_size, _RESAMPLE[self.interpolation])
+        top, left = self.crop_offsets(img.height, img.width)
+        img = _crop(img, top, left, self.image_size)
+        if img.mode != "RGB":  # after the crop, as OpenAI does: resizing happens in the source mode
+            img = img.convert("RGB")
+        return self.to_tensor(img)
+
+    def __repr__(self) -> str:
+        s, crop = self.image_size, "RandomCrop" if self.train else "CenterCrop"
+        return (
+            f"{type(self).__name__}(image_size={s}, train={self.train}: "
+            f"Resize(shorter side={s}, {self.interpolation}) -> {crop}({s}) -> RGB -> "
+            f"Normalize(mean={self.mean}, std={self.std}))"
+        )
+
+
+def image_transform(
+    image_size: int,
+    train: bool = False,
+    mean: Sequence[float] = OPENAI_MEAN,
+    std: Sequence[float] = OPENAI_STD,
+    interpolation: str = "bicubic",
+    generator: torch.Generator | None = None,
+) -> ImageTransform:
+    """The CLIP preprocessing for ``image_size``: OpenAI's eval transform, or the paper's random crop if ``train``."""
+    return ImageTransform(image_size, train, mean, std, interpolation, generator)
