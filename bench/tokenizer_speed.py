@@ -60,11 +60,9 @@ def _huggingface(tmp: Path) -> tuple[Callable[[], Any], Callable[[Any, list[str]
     import transformers
 
     from clipforge.tokenizer import EOT_TOKEN_ID, get_tokenizer
+    from clipforge.tokenizer.hf_files import save_hf_tokenizer_files
 
-    tok = get_tokenizer()
-    (tmp / "vocab.json").write_text(json.dumps(tok.encoder), encoding="utf-8")
-    merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.__getitem__)
-    (tmp / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), "utf-8")
+    save_hf_tokenizer_files(get_tokenizer(), tmp)
     cls = getattr(transformers, "CLIPTokenizerFast", transformers.CLIPTokenizer)  # v5: one fast class
 
     def make() -> Any:

@@ -123,3 +123,11 @@ def test_save_is_atomic_on_failure(tiny, tmp_path, monkeypatch):
 
 def test_all_errors_are_clipforge_errors():
     assert issubclass(CheckpointError, ClipforgeError)
+
+
+def test_openai_positional_signature_is_accepted(tiny, tmp_path):
+    path = clipforge.save(tiny, tmp_path / "m.safetensors")
+    model, _ = clipforge.load(str(path), "cpu", False, str(tmp_path))  # clip.load(name, device, jit, download_root)
+    assert torch.equal(model.visual.proj, tiny.visual.proj)
+    with pytest.raises(ClipforgeError, match="jit=False"):
+        clipforge.load(str(path), "cpu", True)

@@ -178,8 +178,11 @@ def test_saved_hugging_face_folder_loads_in_transformers(tmp_path):
     clipforge.save(ours, tmp_path / "hf", format="hf")
     reference = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
     _hf_compare(ours, reference)
-    processor = transformers.CLIPImageProcessor.from_pretrained(tmp_path / "hf")
-    assert processor.crop_size["height"] == ours.image_size
+    processor = transformers.CLIPProcessor.from_pretrained(tmp_path / "hf")  # tokenizer + image processor
+    assert processor.image_processor.crop_size["height"] == ours.image_size
+    hf_ids = processor.tokenizer(CAPTIONS[:2], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ours_ids = clipforge.tokenize(CAPTIONS[:2]).long()
+    assert torch.equal(hf_ids[ours_ids != 0], ours_ids[ours_ids != 0])  # HF pads with [EOS], OpenAI with 0
 
 
 # ---------------------------------------------------------------- clipforge's own round trips

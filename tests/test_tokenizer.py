@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import html
-import json
 import random
 import subprocess
 import sys
@@ -232,11 +231,11 @@ def test_rejects_bad_arguments():
 def test_matches_huggingface_on_flickr8k(captions, tmp_path):
     """HF's CLIPTokenizer has no ftfy step, but on plain captions its ids must equal ours."""
     transformers = pytest.importorskip("transformers")
+    from clipforge.tokenizer.hf_files import save_hf_tokenizer_files
+
     tok = get_tokenizer()
-    (tmp_path / "vocab.json").write_text(json.dumps(tok.encoder), encoding="utf-8")
-    merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.__getitem__)
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), "utf-8")
-    hf = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    save_hf_tokenizer_files(tok, tmp_path)  # the files clipforge.save(format="hf") writes
+    hf = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
     hf_ids = hf(captions)["input_ids"]
     ours = [[SOT_TOKEN_ID, *tok.encode(c), EOT_TOKEN_ID] for c in captions]
     mismatches = [c for c, h, o in zip(captions, hf_ids, ours) if h != o]

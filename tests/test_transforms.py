@@ -29,7 +29,7 @@ SIZES = [64, 224, 288, 336]
 def openai_transform():
     with warnings.catch_warnings():  # clip-anytorch imports the deprecated pkg_resources
         warnings.simplefilter("ignore")
-        clip = pytest.importorskip("clip")
+        pytest.importorskip("clip")
     from clip.clip import _transform
 
     return _transform

@@ -22,11 +22,13 @@ import torch
 from clipforge.checkpoints import hf, open_clip_format
 from clipforge.checkpoints.download import RELEASED, download_verified
 from clipforge.checkpoints.infer import infer_config
-from clipforge.checkpoints.weights import load_state_dict_into, read_safetensors, read_weights_file, unwrap_state_dict
-from clipforge.errors import CheckpointError, DownloadError, UnknownModelError
+from clipforge.checkpoints.weights import load_state_dict_into, read_weights_file, unwrap_state_dict
+from clipforge.errors import CheckpointError, ClipforgeError, DownloadError, UnknownModelError
 from clipforge.models.clip import CLIP
 from clipforge.models.config import ModelConfig, config_from_dict
 from clipforge.models.factory import ALIASES, available_models
+from clipforge.tokenizer import get_tokenizer
+from clipforge.tokenizer.hf_files import save_hf_tokenizer_files
 from clipforge.transforms import OPENAI_MEAN, OPENAI_STD, image_transform
 
 CLIPFORGE_FORMAT = "clipforge"
@@ -149,15 +151,20 @@ def _read_source(path: Path, name: str, quick_gelu: bool | None) -> tuple[ModelC
     return config, state, preprocess
 
 
-def load(source: str | Path, device: str | torch.device = "cpu", *, dtype: torch.dtype = torch.float32,
+def load(source: str | Path, device: str | torch.device = "cpu", jit: bool = False,
+         download_root: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
          quick_gelu: bool | None = None, cache_dir: str | Path | None = None
          ) -> tuple[CLIP, Callable[[Any], torch.Tensor]]:
     """A CLIP model in eval mode and its preprocessing transform, from any supported source.
 
-    quick_gelu overrides the activation for formats that do not record it (OpenAI state dicts
-    are QuickGELU; open_clip training checkpoints trained with plain GELU need quick_gelu=False).
+    The first four parameters are those of OpenAI's ``clip.load`` (``download_root`` is an alias
+    of ``cache_dir``). quick_gelu overrides the activation for formats that do not record it
+    (OpenAI state dicts are QuickGELU; open_clip checkpoints trained with GELU need False).
     """
-    path, name = _resolve(source, cache_dir)
+    if jit:
+        raise ClipforgeError("clipforge does not run TorchScript graphs; call load(..., jit=False) (the default) "
+                             "to get the same model as a regular module")
+    path, name = _resolve(source, cache_dir if cache_dir is not None else download_root)
     config, state, preprocess = _read_source(path, name, quick_gelu)
     model = CLIP(config)
     load_state_dict_into(model, state, str(source))
@@ -212,5 +219,6 @@ def save(model: CLIP, path: str | Path, format: Format = "clipforge") -> Path:
         _save_safetensors(hf_state, path / "model.safetensors", {"format": "pt"})
         _save_json(hf.to_hf_config(config), path / HF_CONFIG_NAME)
         _save_json(hf.to_hf_preprocessor_config(config), path / "preprocessor_config.json")
+        save_hf_tokenizer_files(get_tokenizer(), path, config.text.context_length)
         return path
     raise ValueError(f"unknown format {format!r}; choose 'clipforge', 'open_clip' or 'hf'")

@@ -10,7 +10,6 @@ only a thin layer over Pillow for this pipeline.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
