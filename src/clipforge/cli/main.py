@@ -102,6 +102,34 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(extra: list[str]) -> dict[str, str]:
+    """['--lr', '1e-3', '--data.path', 'x.csv', '--grad-checkpointing'] -> {'lr': '1e-3', ...}."""
+    overrides: dict[str, str] = {}
+    index = 0
+    while index < len(extra):
+        token = extra[index]
+        if not token.startswith("--"):
+            raise ClipforgeError(f"unexpected argument '{token}'; training options are written --name value")
+        key, _, value = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if not value:
+            if index + 1 < len(extra) and not extra[index + 1].startswith("--"):
+                value, index = extra[index + 1], index + 1
+            else:
+                value = "true"  # a bare flag such as --grad-checkpointing
+        overrides[key] = value
+        index += 1
+    return overrides
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from clipforge.training import load_train_config, train
+
+    config = load_train_config(args.config, _overrides(args.overrides))
+    train(config)
+    return 0
+
+
 def _quick_gelu(value: str) -> bool | None:
     return {"auto": None, "yes": True, "no": False}[value]
 
@@ -133,17 +161,41 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=("hf", "open_clip", "clipforge"))
     convert.add_argument("--quick-gelu", choices=("auto", "yes", "no"), default="auto", help=gelu_help)
     convert.set_defaults(run=_cmd_convert)
+
+    train = sub.add_parser("train", help="contrastive pre-training or fine-tuning (torchrun for many processes)",
+                           description="Options come from --config (TOML or JSON) and are overridden by --name value "
+                                       "pairs, e.g. --lr 1e-3 --data.path train.csv --grad-checkpointing. See "
+                                       "clipforge.training.config.TrainConfig for every field.")
+    train.add_argument("--config", help="TOML or JSON training config")
+    train.set_defaults(run=_cmd_train)
+
+    sub.add_parser("make-shards", help="turn a CSV/TSV dataset into WebDataset tar shards "
+                                       "(clipforge make-shards --help)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["make-shards"]:  # its own parser, shared with python -m clipforge.data.make_shards
+        from clipforge.data.make_shards import main as make_shards_main
+
+        return _guarded(lambda: make_shards_main(argv[1:]), debug="--debug" in argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if args.command == "train":
+        args.overrides = extra
+    elif extra:
+        build_parser().parse_args(argv)  # let argparse report the unknown arguments
     if hasattr(args, "quick_gelu"):
         args.quick_gelu = _quick_gelu(args.quick_gelu)
+    return _guarded(lambda: args.run(args), debug=args.debug)
+
+
+def _guarded(run, debug: bool) -> int:
+    """User errors: one sentence on stderr, exit status 2 (the traceback only with --debug)."""
     try:
-        return args.run(args)
+        return run()
     except ClipforgeError as error:
-        if args.debug:
+        if debug:
             raise
         print(f"clipforge: error: {error}", file=sys.stderr)
         return 2

@@ -90,8 +90,14 @@ class CLIP(nn.Module):
     def logit_scale_value(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor, text: torch.Tensor, return_features: bool = False):
+        """(logits_per_image, logits_per_text) as OpenAI's model, or, with return_features, the
+        normalised features and the temperature multiplier: training computes the loss from
+        these, and going through forward lets DistributedDataParallel see every parameter."""
         image_features = self.encode_image(image, normalize=True)
         text_features = self.encode_text(text, normalize=True)
-        logits_per_image = self.logit_scale_value() * image_features @ text_features.t()
+        scale = self.logit_scale_value()
+        if return_features:
+            return image_features, text_features, scale
+        logits_per_image = scale * image_features @ text_features.t()
         return logits_per_image, logits_per_image.t()

@@ -1,0 +1,232 @@
+"""WebDataset tar shards (img2dataset layout: ``{key}.jpg|png|webp`` + ``{key}.txt`` [+ ``.json``]), streamed.
+
+Per epoch and per pass over the shards: the shard list is shuffled with ``(seed, epoch, pass)`` (the
+same on every rank), rank ``r`` takes shards ``r, r+W, ...`` and ``wds.split_by_worker`` deals those
+to the DataLoader workers, so no sample repeats within a pass when shards divide evenly. Samples are
+shuffled in a buffer seeded by ``(seed, epoch, pass, rank, worker)``, decoded, and batched to exactly
+``b = G // world_size`` (partial batches dropped). Every rank yields exactly ``steps_per_epoch =
+num_samples // G`` batches: when its shards run out it starts another pass, so ranks never disagree
+on the number of steps (all_gather would hang).
+
+Resume is approximate: ``batches(epoch, start_step)`` makes each worker drop, undecoded, the raw
+samples that its share of the first ``start_step`` batches would have used. With no bad samples and
+no worker running dry the same batches follow (exactly the same, in order, with ``num_workers=0``);
+otherwise a few samples may be seen twice or missed in that epoch.
+
+Corrupt or truncated shards, missing shards and undecodable samples never stop the run: they are
+counted (``corrupt_shard``, ``missing_shard``, ``unreadable_image``, ...; a shard once per pass) and
+warned about once per shard, and the counts ride inside the batches to ``Batch.skipped``.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import random
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from clipforge.data.loader import Batch, DataConfig, TrainData, _identity, add_counts, crop_with_seed, sample_seed
+from clipforge.errors import ClipforgeError
+from clipforge.tokenizer import tokenize
+from clipforge.transforms import image_transform
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SHUFFLE_BUFFER = 1000  # raw (undecoded) samples per worker
+SHUFFLE_INITIAL = 100
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on '::' and on commas outside braces ('{a,b}' is a brace alternative, not a list)."""
+    parts, depth, current = [], 0, ""
+    for char in text.replace("::", "\0"):
+        depth += (char == "{") - (char == "}")
+        if char == "\0" or (char == "," and depth == 0):
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [p.strip() for p in parts + [current] if p.strip()]
+
+
+def expand_shards(path: str) -> list[str]:
+    """Shard URLs/paths from a pattern such as 'a/{00000..00009}.tar,b/x.tar' (brace expansion by webdataset)."""
+    urls: list[str] = []
+    for part in _split_top_level(path):
+        urls.extend(wds.shardlists.expand_urls(part))
+    return urls
+
+
+def _is_local(url: str) -> bool:
+    return urlparse(url).scheme in ("", "file")
+
+
+class _SkipCounter:
+    """The webdataset error handler: counts what it skips, warns once per shard, never re-raises."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.url: str | None = None  # the shard being read (shards are opened lazily, one at a time)
+        self.bad_urls: set[str] = set()
+
+    def track(self, shards: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for shard in shards:
+            self.url = shard["url"]
+            yield shard
+
+    def __call__(self, error: Exception) -> bool:
+        url = self.url or "?"
+        if url not in self.bad_urls:
+            self.bad_urls.add(url)
+            missing = isinstance(error, FileNotFoundError)
+            reason = "missing_shard" if missing else "corrupt_shard"
+            self.counts[reason] = self.counts.get(reason, 0) + 1
+            warnings.warn(f"skipping the rest of shard '{url}': {type(error).__name__}: {error}", stacklevel=2)
+        return True  # continue with the next sample or shard
+
+    def drain(self) -> dict[str, int]:
+        counts, self.counts = self.counts, {}
+        return counts
+
+
+def _decode(sample: dict[str, Any]) -> tuple[Image.Image, str] | str:
+    """(image, caption), or the reason the sample is skipped."""
+    image_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
+    if image_key is None:
+        return "missing_image"
+    if "txt" not in sample:
+        return "missing_caption"
+    try:
+        caption = sample["txt"].decode("utf-8")
+    except UnicodeDecodeError:
+        return "bad_utf8"
+    if not caption.strip():
+        return "empty_caption"
+    try:
+        with Image.open(io.BytesIO(sample[image_key])) as image:
+            image.load()
+    except Exception:  # noqa: BLE001 (Pillow raises many types for bad bytes)
+        return "unreadable_image"
+    return image, caption
+
+
+class _ShardStream(IterableDataset):
+    """One rank's pass over its shards, yielding ``Batch``es (and a final counts-only dict)."""
+
+    def __init__(self, urls: list[str], *, rank: int, world_size: int, local_batch_size: int, image_size: int,
+                 context_length: int, seed: int, epoch: int, pass_index: int, skip_batches: int,
+                 num_workers: int) -> None:
+        self.urls, self.rank, self.world_size = urls, rank, world_size
+        self.b, self.image_size, self.context_length = local_batch_size, image_size, context_length
+        self.seed, self.epoch, self.pass_index = seed, epoch, pass_index
+        self.skip_batches, self.num_workers = skip_batches, max(1, num_workers)
+
+    def __iter__(self) -> Iterator[Batch | dict[str, int]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        urls = list(self.urls)
+        random.Random(sample_seed("shards", self.seed, self.epoch, self.pass_index)).shuffle(urls)
+        mine = urls[self.rank::self.world_size]  # split_by_node with the given rank, not env variables
+        counter = _SkipCounter()
+        shards = counter.track(wds.split_by_worker(iter([{"url": u} for u in mine])))
+        samples = wds.tarfile_to_samples(handler=counter)(shards)
+        rng = random.Random(sample_seed("buffer", self.seed, self.epoch, self.pass_index, self.rank, worker))
+        samples = wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_INITIAL, rng=rng)(samples)
+        # Resume: this worker made batches worker, worker+n, ... of the first skip_batches (round robin).
+        skip = len(range(worker, self.skip_batches, self.num_workers)) * self.b
+        samples = itertools.islice(samples, skip, None)
+        transform = image_transform(self.image_size, train=True)
+        images = torch.empty(self.b, 3, self.image_size, self.image_size)
+        captions: list[str] = []
+        skipped: dict[str, int] = {}
+        for sample in samples:
+            add_counts(skipped, counter.drain())
+            decoded = _decode(sample)
+            if isinstance(decoded, str):
+                skipped[decoded] = skipped.get(decoded, 0) + 1
+                continue
+            image, caption = decoded
+            try:
+                crop_seed = sample_seed(self.seed, self.epoch, self.pass_index, sample["__key__"])
+                pixels = crop_with_seed(transform, image, crop_seed)
+            except Exception:  # noqa: BLE001 (a transform failure is a bad image)
+                skipped["unreadable_image"] = skipped.get("unreadable_image", 0) + 1
+                continue
+            images[len(captions)] = pixels
+            captions.append(caption)
+            if len(captions) == self.b:
+                yield Batch(images, tokenize(captions, self.context_length, truncate=True), skipped)
+                captions, skipped = [], {}
+                images = torch.empty(self.b, 3, self.image_size, self.image_size)
+        add_counts(skipped, counter.drain())
+        if skipped:
+            yield skipped  # counts of the dropped tail still reach the training loop
+
+
+class WebDatasetTrainData(TrainData):
+    """Streams shards; see the module docstring for splitting, passes and resume."""
+
+    def __init__(self, config: DataConfig, *, image_size: int, context_length: int, global_batch_size: int,
+                 rank: int, world_size: int, seed: int) -> None:
+        self.urls = expand_shards(config.path or "")
+        if not self.urls:
+            raise ClipforgeError(f"data.path '{config.path}' names no shards; use e.g. 'shards/{{00000..00127}}.tar'")
+        local = [u for u in self.urls if _is_local(u)]
+        if local and len(local) == len(self.urls):
+            present = [u for u in local if os.path.isfile(urlparse(u).path if u.startswith("file:") else u)]
+            if not present:
+                raise ClipforgeError(f"none of the {len(local)} shards of data.path '{config.path}' exists "
+                                     f"(first: '{local[0]}'); check the path and pattern")
+        if len(self.urls) < world_size:
+            raise ClipforgeError(f"data.path has {len(self.urls)} shard(s) but world_size is {world_size}; every "
+                                 "rank needs at least one shard: write more, smaller shards")
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // world_size
+        self.steps_per_epoch = (config.num_samples or 0) // global_batch_size
+        self.image_size, self.context_length = image_size, context_length
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_workers = config.num_workers
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        remaining = self.steps_per_epoch - start_step
+        pending: dict[str, int] = {}
+        skip, pass_index = start_step, 0
+        while remaining > 0:
+            stream = _ShardStream(self.urls, rank=self.rank, world_size=self.world_size,
+                                  local_batch_size=self.local_batch_size, image_size=self.image_size,
+                                  context_length=self.context_length, seed=self.seed, epoch=epoch,
+                                  pass_index=pass_index, skip_batches=skip, num_workers=self.num_workers)
+            loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                                pin_memory=False, persistent_workers=False,
+                                generator=torch.Generator().manual_seed(sample_seed("loader", self.seed, epoch)))
+            produced = 0
+            iterator = iter(loader)
+            try:
+                for item in iterator:
+                    if isinstance(item, dict):
+                        add_counts(pending, item)
+                        continue
+                    produced += 1
+                    item.skipped = add_counts(add_counts({}, pending), item.skipped)
+                    pending = {}
+                    yield item
+                    remaining -= 1
+                    if remaining == 0:
+                        break
+            finally:
+                del iterator  # stops the workers at once when the epoch ends mid-pass
+            if produced == 0 and skip == 0:
+                raise ClipforgeError(
+                    f"rank {self.rank} got no usable batch of {self.local_batch_size} from its shards of "
+                    f"{len(self.urls)} (skipped: {pending or 'nothing'}); check data.path and the shard contents")
+            skip, pass_index = 0, pass_index + 1

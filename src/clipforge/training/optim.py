@@ -1,0 +1,53 @@
+"""AdamW with the paper's decay rule and a warmup-then-cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from clipforge.models.clip import CLIP
+
+
+def parameter_groups(model: CLIP, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
+    """Decay every weight matrix; never gains and biases (1-D), nor embeddings/temperature unless asked.
+
+    Embeddings here are the token, positional and class embeddings and the logit scale: the paper
+    decays "all weights except gains or biases", and open_clip excludes these too.
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_embedding = "embedding" in name or name == "logit_scale"
+        if param.ndim < 2 or (is_embedding and not decay_embeddings):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: CLIP, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+                   decay_embeddings: bool = False) -> torch.optim.AdamW:
+    groups = parameter_groups(model, weight_decay, decay_embeddings)
+    fused = all(p.is_cuda for g in groups for p in g["params"])  # the fused kernel is CUDA-only
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True)
+
+
+def paper_betas_eps(is_resnet: bool, beta1: float, beta2: float | None, eps: float | None) -> tuple[tuple, float]:
+    """The paper's Adam settings: beta2 0.98 / eps 1e-6 for ViTs, 0.999 / 1e-8 for ResNets."""
+    default_beta2, default_eps = (0.999, 1e-8) if is_resnet else (0.98, 1e-6)
+    return (beta1, default_beta2 if beta2 is None else beta2), default_eps if eps is None else eps
+
+
+def cosine_with_warmup(step: int, *, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate at an optimiser step (0-based): linear warmup, then cosine decay to min_lr."""
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
