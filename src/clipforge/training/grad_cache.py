@@ -13,7 +13,7 @@ statistics, so its features (and gradients) depend on ``micro_batch``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,30 +22,6 @@ from torch import Tensor, nn
 from clipforge.training.loss import clip_loss
 
 ContextFactory = Callable[[], contextlib.AbstractContextManager]
-
-
-@contextlib.contextmanager
-def _features_forward(clip: nn.Module) -> Iterator[None]:
-    """Make ``clip(images, texts)`` return (image features, text features, scale), all differentiable.
-
-    DDP only synchronises gradients of graphs built through its own ``forward``, and CLIP's forward
-    returns b x b logits, not features. Swapping the instance's ``forward`` for the step lets a
-    DDP wrapper run exactly what we need; the class is untouched and it is restored afterwards.
-    """
-    previous = clip.__dict__.get("forward")
-
-    def forward(images: Tensor, texts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return (clip.encode_image(images, normalize=True), clip.encode_text(texts, normalize=True),
-                clip.logit_scale_value())
-
-    clip.forward = forward
-    try:
-        yield
-    finally:
-        if previous is None:
-            del clip.forward
-        else:
-            clip.forward = previous
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -63,8 +39,8 @@ def contrastive_step(model: nn.Module, images: Tensor, texts: Tensor, *, micro_b
                      no_sync: ContextFactory | None = None, scaler: Any | None = None) -> dict[str, Any]:
     """Compute this rank's loss and accumulate ``.grad``, equal to a full-batch backward.
 
-    ``model``: a CLIP, or a ``DistributedDataParallel`` wrapping one; re-forwards run through the
-    wrapper (see ``_features_forward``) so DDP all-reduces, and ``no_sync`` defaults to the
+    ``model``: a CLIP, or a ``DistributedDataParallel`` wrapping one; forwards run through the
+    wrapper (``model(images, texts, return_features=True)``) so DDP all-reduces, and ``no_sync`` defaults to the
     wrapper's ``no_sync``: every micro-batch but the last accumulates locally, so gradients are
     all-reduced once. ``micro_batch``: pairs per tower pass; None (or >= the batch) is one plain
     forward/backward. ``chunk_size``: rows of logits at once in ``clip_loss``. ``autocast``: a
@@ -81,8 +57,8 @@ def contrastive_step(model: nn.Module, images: Tensor, texts: Tensor, *, micro_b
     scale_loss = scaler.scale if scaler is not None else (lambda loss: loss)
 
     if micro_batch is None or micro_batch >= n:
-        with _features_forward(clip), autocast():
-            image_features, text_features, logit_scale = model(images, texts)
+        with autocast():
+            image_features, text_features, logit_scale = model(images, texts, return_features=True)
         loss = clip_loss(image_features, text_features, logit_scale, chunk_size=chunk_size)
         scale_loss(loss).backward()
         return {"loss": loss.detach(), "logit_scale": logit_scale.detach().item()}
@@ -121,8 +97,8 @@ def contrastive_step(model: nn.Module, images: Tensor, texts: Tensor, *, micro_b
         last = index == len(slices) - 1
         _set_rng_state(rng_states[index], device)
         with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
-            with _features_forward(clip), autocast():
-                image_out, text_out, scale_out = model(images[rows], texts[rows])
+            with autocast():
+                image_out, text_out, scale_out = model(images[rows], texts[rows], return_features=True)
             pairs = [(image_out, image_grads[rows]), (text_out, text_grads[rows])]
             pairs += [(scale_out, scale_grad)] if last else []
             pairs = [(out, grad.to(out.dtype)) for out, grad in pairs if out.requires_grad]  # frozen parts
