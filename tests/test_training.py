@@ -179,3 +179,20 @@ def test_cli_train_then_resume_latest(tmp_path):
     bad = subprocess.run(_cli({**args, "output_dir": tmp_path / "empty", "resume": "latest"}), capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "no checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_with_a_locked_tower(tmp_path, precision):
+    """Mixed precision, gradient checkpointing and gradient caching together; a locked tower never moves."""
+    from clipforge.training import train
+
+    config = _config(tmp_path, max_steps=2, precision=precision, lock_text="true", grad_checkpointing="true",
+                     micro_batch_size=8)
+    summary = train(config)
+    assert math.isfinite(summary["final_loss"]) and summary["nonfinite_steps"] == 0
+    torch.manual_seed(config.seed)
+    initial = clipforge.create_model("ViT-Tiny-32").state_dict()
+    final = _final_weights(tmp_path / "run")
+    assert torch.equal(final["transformer.resblocks.0.attn.in_proj_weight"],
+                       initial["transformer.resblocks.0.attn.in_proj_weight"])
+    assert not torch.equal(final["visual.conv1.weight"], initial["visual.conv1.weight"])
