@@ -12,14 +12,13 @@ Sources ``load`` understands, detected from the files themselves:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
 
 from clipforge.checkpoints import hf, open_clip_format
+from clipforge.checkpoints.atomic import atomic_write
 from clipforge.checkpoints.download import RELEASED, download_verified
 from clipforge.checkpoints.infer import infer_config
 from clipforge.checkpoints.weights import load_state_dict_into, read_weights_file, unwrap_state_dict
@@ -172,18 +171,6 @@ def load(source: str | Path, device: str | torch.device = "cpu", jit: bool = Fal
     return model, image_transform(config.vision.image_size, mean=preprocess["mean"], std=preprocess["std"])
 
 
-def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, so a crash never leaves half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, target)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-
-
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.detach().contiguous().cpu() for key, value in state.items()}
 
@@ -191,11 +178,11 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _save_safetensors(state: dict[str, torch.Tensor], target: Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    _atomic_write(target, lambda tmp: save_file(_tensors(state), str(tmp), metadata=metadata))
+    atomic_write(target, lambda tmp: save_file(_tensors(state), str(tmp), metadata=metadata))
 
 
 def _save_json(data: dict[str, Any], target: Path) -> None:
-    _atomic_write(target, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+    atomic_write(target, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
 
 
 def save(model: CLIP, path: str | Path, format: Format = "clipforge") -> Path:

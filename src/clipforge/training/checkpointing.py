@@ -7,15 +7,14 @@ of tensors and numbers, readable with ``torch.load(weights_only=True)`` and by `
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from clipforge.checkpoints.atomic import atomic_write
 from clipforge.errors import CheckpointError
 
 _NAME = re.compile(r"step_(\d+)\.pt$")
@@ -52,18 +51,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(state: dict[str, Any], output_dir: str | Path, step: int, keep_last: int) -> Path:
     """Write step_N.pt through a temporary file and os.replace, then prune all but the newest keep_last."""
-    folder = checkpoint_dir(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"step_{step:08d}.pt"
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".step_", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(state, temporary)
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, target)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
+    target = atomic_write(checkpoint_dir(output_dir) / f"step_{step:08d}.pt", lambda tmp: torch.save(state, tmp))
     for old in list_checkpoints(output_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
     return target
