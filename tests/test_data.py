@@ -349,3 +349,36 @@ def test_flickr8k_tsv_reads_real_batches(tmp_path: Path) -> None:
         assert batch.images.shape == (16, 3, 64, 64) and torch.isfinite(batch.images).all()
         assert batch.images.std() > 0.1  # real photos, not blank
     assert len(set(captions(batches))) == 64
+
+
+def test_image_root_and_split_filter(tmp_path: Path) -> None:
+    """Flickr8k's layout: names relative to an images/ folder and a split column; only train rows are read."""
+    (tmp_path / "images").mkdir()
+    names = write_images(tmp_path / "images", 12)
+    rows = ["image\tcaption\tsplit"] + [f"{name}\tphoto {i}\t{'train' if i < 8 else 'test'}"
+                                        for i, name in enumerate(names)]
+    (tmp_path / "captions.tsv").write_text("\n".join(rows) + "\n")
+    config = {"type": "csv", "path": str(tmp_path / "captions.tsv"), "image_column": "image",
+              "caption_column": "caption", "image_root": str(tmp_path / "images"), "split": "train",
+              "num_workers": 0}
+    batches = run(config)
+    assert total_skips(batches) == {} and sorted(captions(batches)) == sorted(squash(f"photo {i}") for i in range(8))
+    with pytest.raises(ClipforgeError, match="matches no row"):
+        run({**config, "split": "validation"})
+    with pytest.raises(ClipforgeError, match="image_root"):
+        run({**config, "image_root": str(tmp_path / "nope")})
+    with pytest.raises(ConfigError, match="data.resize_ratio"):
+        DataConfig.from_dict({**config, "resize_ratio": 0.5})
+
+
+def test_resize_ratio_gives_square_images_a_random_crop() -> None:
+    """The paper's random square crop does nothing to a square image unless it is resized larger first."""
+    from clipforge.transforms import image_transform
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    plain = image_transform(64, train=True)
+    assert all(torch.equal(plain(image), plain(image)) for _ in range(3))  # nothing random to do
+    ratio = image_transform(64, train=True, resize_ratio=1.25, generator=torch.Generator().manual_seed(0))
+    crops = [ratio(image) for _ in range(4)]
+    assert crops[0].shape == (3, 64, 64) and any(not torch.equal(crops[0], c) for c in crops[1:])
+    assert torch.equal(image_transform(64)(image), image_transform(64, resize_ratio=1.25)(image))  # eval unchanged

@@ -1,4 +1,4 @@
-"""The ``clipforge`` command: models, classify, convert.
+"""The ``clipforge`` command: models, classify, convert, train, eval, make-shards.
 
 Errors a user can cause print one sentence and exit with status 2; ``--debug`` shows the traceback.
 """
@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "clipforge.training.config.TrainConfig for every field.")
     train.add_argument("--config", help="TOML or JSON training config")
     train.set_defaults(run=_cmd_train)
+
+    from clipforge.cli.eval_command import add_eval_parser
+
+    add_eval_parser(sub, gelu_help)
 
     sub.add_parser("make-shards", help="turn a CSV/TSV dataset into WebDataset tar shards "
                                        "(clipforge make-shards --help)")

@@ -2,7 +2,8 @@
 
 The file is decoded with ``errors="surrogateescape"``, so one line of bad UTF-8 never breaks the
 file: that row's caption is flagged ``bad_utf8`` and the sampler skips (and counts) it when it
-reaches it. Image paths are relative to the table's folder unless absolute.
+reaches it. Image paths are relative to ``image_root`` (default: the table's folder) unless absolute.
+``split`` keeps only rows whose ``split_column`` equals it (e.g. Flickr8k's ``captions.tsv``, split ``train``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class CsvSource:
     """Rows of (image path, caption) with per-row problems known from the text alone."""
 
     def __init__(self, path: str | os.PathLike, image_column: str = "filepath", caption_column: str = "title",
-                 separator: str | None = None, keep_rows: bool = False) -> None:
+                 separator: str | None = None, keep_rows: bool = False, image_root: str | None = None,
+                 split: str | None = None, split_column: str = "split") -> None:
         self.path = Path(path)
         if not self.path.is_file():
             what = "is a directory" if self.path.is_dir() else "does not exist"
@@ -66,7 +68,10 @@ class CsvSource:
         self.captions: list[str] = []
         self.problems: dict[int, str] = {}  # row -> reason, for rows bad before any image is opened
         self.rows: list[list[str]] | None = [] if keep_rows else None  # every field, for make_shards' .json
-        folder = str(self.path.resolve().parent)
+        folder = str(Path(image_root).resolve() if image_root else self.path.resolve().parent)
+        if image_root and not Path(folder).is_dir():
+            raise ClipforgeError(f"data.image_root '{image_root}' is not a directory; point it at the folder the "
+                                 "image column's paths are relative to")
         with open(self.path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
             reader = csv.reader(f, delimiter=self.separator)
             try:
@@ -79,6 +84,7 @@ class CsvSource:
             self.header = header
             image_at = _column(header, image_column, "image_column", self.path, self.separator)
             caption_at = _column(header, caption_column, "caption_column", self.path, self.separator)
+            split_at = _column(header, split_column, "split_column", self.path, self.separator) if split else None
             while True:
                 line = reader.line_num
                 try:
@@ -92,6 +98,8 @@ class CsvSource:
                     continue
                 if not row:  # blank line
                     continue
+                if split_at is not None and (split_at >= len(row) or row[split_at].strip() != split):
+                    continue
                 image = row[image_at].strip() if image_at < len(row) else None
                 caption = row[caption_at] if caption_at < len(row) else None
                 problem = caption_problem(caption) if image is not None else "malformed_row"
@@ -100,6 +108,8 @@ class CsvSource:
                 if image:
                     image = os.path.join(folder, image)  # an absolute image path stays as it is
                 self._add(image or "", caption or "", problem, row)
+        if split and not self.images:
+            raise ClipforgeError(f"data.split '{split}' matches no row of {self.path} (column '{split_column}')")
 
     def _add(self, image: str, caption: str, problem: str | None, row: list[str]) -> None:
         if self.rows is not None:

@@ -49,6 +49,10 @@ class DataConfig:
     separator: str | None = None  # default: tab for .tsv, comma otherwise
     num_samples: int | None = None  # synthetic: size (default 10000); webdataset: samples per epoch; csv: unused
     num_workers: int = 2
+    image_root: str | None = None  # csv: folder image paths are relative to (default: the table's folder)
+    split: str | None = None  # csv: keep only rows whose split_column equals this, e.g. "train"
+    split_column: str = "split"
+    resize_ratio: float = 1.0  # train crop: shorter side resized to ratio * image_size, then a random square crop
     seed: int = 0  # synthetic content seed
 
     def __post_init__(self) -> None:
@@ -79,6 +83,10 @@ class DataConfig:
                               "streamed shards have no length), e.g. data.num_samples = 1000000")
         _int_field("num_workers", self.num_workers, 0)
         _int_field("seed", self.seed, None)
+        if isinstance(self.resize_ratio, bool) or not isinstance(self.resize_ratio, (int, float)) \
+                or not 1.0 <= self.resize_ratio <= 4.0:
+            raise ConfigError(f"data.resize_ratio must be a number in [1, 4] (1 = crop only along the longer "
+                              f"side), got {self.resize_ratio!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
@@ -157,9 +165,10 @@ def _identity(item: Any) -> Any:  # module level so DataLoader workers can pickl
 class _MapDataset(Dataset):
     """Builds whole batches (``__getitems__``) and swaps each bad sample for the next good one."""
 
-    def __init__(self, source: MapSource, image_size: int, context_length: int, seed: int) -> None:
+    def __init__(self, source: MapSource, image_size: int, context_length: int, seed: int,
+                 resize_ratio: float = 1.0) -> None:
         self.source = source
-        self.transform = image_transform(image_size, train=True)
+        self.transform = image_transform(image_size, train=True, resize_ratio=resize_ratio)
         self.context_length = context_length
         self.seed = seed
 
@@ -282,9 +291,10 @@ def build_train_data(config: DataConfig, *, image_size: int, context_length: int
     source: MapSource
     if config.type == "csv":
         source = CsvSource(config.path, image_column=config.image_column, caption_column=config.caption_column,
-                           separator=config.separator)
+                           separator=config.separator, image_root=config.image_root, split=config.split,
+                           split_column=config.split_column)
     else:
         source = SyntheticCaptions(config.seed, config.num_samples, size=max(64, image_size))
-    dataset = _MapDataset(source, image_size, context_length, seed)
+    dataset = _MapDataset(source, image_size, context_length, seed, resize_ratio=config.resize_ratio)
     return MapTrainData(dataset, global_batch_size=global_batch_size, rank=rank, world_size=world_size, seed=seed,
                         num_workers=config.num_workers)

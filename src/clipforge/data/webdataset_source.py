@@ -123,7 +123,8 @@ class _ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], *, rank: int, world_size: int, local_batch_size: int, image_size: int,
                  context_length: int, seed: int, epoch: int, pass_index: int, skip_batches: int,
-                 num_workers: int) -> None:
+                 num_workers: int, resize_ratio: float = 1.0) -> None:
+        self.resize_ratio = resize_ratio
         self.urls, self.rank, self.world_size = urls, rank, world_size
         self.b, self.image_size, self.context_length = local_batch_size, image_size, context_length
         self.seed, self.epoch, self.pass_index = seed, epoch, pass_index
@@ -143,7 +144,7 @@ class _ShardStream(IterableDataset):
         # Resume: this worker made batches worker, worker+n, ... of the first skip_batches (round robin).
         skip = len(range(worker, self.skip_batches, self.num_workers)) * self.b
         samples = itertools.islice(samples, skip, None)
-        transform = image_transform(self.image_size, train=True)
+        transform = image_transform(self.image_size, train=True, resize_ratio=self.resize_ratio)
         images = torch.empty(self.b, 3, self.image_size, self.image_size)
         captions: list[str] = []
         skipped: dict[str, int] = {}
@@ -194,6 +195,7 @@ class WebDatasetTrainData(TrainData):
         self.image_size, self.context_length = image_size, context_length
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_workers = config.num_workers
+        self.resize_ratio = config.resize_ratio
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         if start_step < 0:
@@ -205,7 +207,8 @@ class WebDatasetTrainData(TrainData):
             stream = _ShardStream(self.urls, rank=self.rank, world_size=self.world_size,
                                   local_batch_size=self.local_batch_size, image_size=self.image_size,
                                   context_length=self.context_length, seed=self.seed, epoch=epoch,
-                                  pass_index=pass_index, skip_batches=skip, num_workers=self.num_workers)
+                                  pass_index=pass_index, skip_batches=skip, num_workers=self.num_workers,
+                                  resize_ratio=self.resize_ratio)
             loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                                 pin_memory=False, persistent_workers=False,
                                 generator=torch.Generator().manual_seed(sample_seed("loader", self.seed, epoch)))

@@ -1,22 +1,27 @@
 """Zero-shot classifiers from class names and prompt templates, ensembled as in the paper.
 
-Each class's text embeddings over all templates are L2-normalised, averaged and
-renormalised; the classifier is the [embed_dim, classes] matrix of those means.
+Each class's text embeddings over all templates are L2-normalised, averaged and renormalised;
+the classifier is the [embed_dim, classes] matrix of those means. Images are assigned the class
+whose embedding has the highest cosine similarity (the logit scale does not change the ranking).
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from importlib import resources
-from typing import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from clipforge.errors import ClipforgeError
+from clipforge.evaluation.features import image_features, text_features
+from clipforge.evaluation.metrics import classification_metrics
 from clipforge.models.clip import CLIP
-from clipforge.tokenizer import tokenize
 
 
 @lru_cache(maxsize=None)
@@ -26,29 +31,120 @@ def _template_sets() -> dict[str, tuple[str, ...]]:
 
 
 def get_templates(name: str) -> list[str]:
-    """A built-in template set: 'imagenet' (the paper's 80 prompts) or 'simple' (its 7-prompt subset)."""
+    """A built-in template set: 'imagenet' (the paper's 80 prompts), 'simple' (its 7-prompt subset),
+    or a dataset's own prompts (e.g. 'cifar10', as in OpenAI's prompts.md and CLIP_benchmark)."""
     sets = _template_sets()
-    if name not in sets:
-        raise ClipforgeError(f"unknown template set '{name}'; choose one of {', '.join(sets)} or pass a file")
-    return list(sets[name])
+    if name in sets:
+        return list(sets[name])
+    from clipforge.evaluation.datasets import dataset_templates
+
+    own = dataset_templates(name)
+    if own:
+        return own
+    raise ClipforgeError(f"unknown template set '{name}'; choose one of {', '.join(sets)}, a dataset name, "
+                         "or pass a file (one template per line, or JSON)")
+
+
+def normalize_template(template: str) -> str:
+    """Accept CLIP_benchmark's '{c}' placeholder as well as '{}'."""
+    template = template.replace("{c}", "{}")
+    if "{}" not in template:
+        raise ClipforgeError(f"prompt template {template!r} has no '{{}}' (or '{{c}}') where the class name goes")
+    return template
+
+
+def read_templates(source: str | os.PathLike, dataset: str | None = None) -> list[str]:
+    """Templates from a built-in set name or a file: one per line, a JSON list, or a JSON object
+    keyed by dataset name (CLIP_benchmark's ``--custom_template_file`` format)."""
+    path = Path(source)
+    if not path.is_file():
+        if os.sep in str(source) or path.suffix:
+            raise ClipforgeError(f"templates file '{source}' does not exist")
+        return get_templates(str(source))
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            data: Any = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ClipforgeError(f"templates file '{path}' is not valid JSON ({error})") from None
+        if isinstance(data, dict):
+            if dataset is None or dataset not in data:
+                raise ClipforgeError(f"templates file '{path}' is keyed by dataset but has no key "
+                                     f"'{dataset}'; its keys: {', '.join(list(data)[:10])}")
+            data = data[dataset]
+        if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
+            raise ClipforgeError(f"templates file '{path}' must hold a list of strings")
+        templates = data
+    else:
+        templates = [line.strip() for line in text.splitlines() if line.strip()]
+    if not templates:
+        raise ClipforgeError(f"templates file '{path}' holds no template")
+    return [normalize_template(t) for t in templates]
+
+
+def read_classnames(path: str | os.PathLike, dataset: str | None = None) -> list[str]:
+    """Class names from a file: one per line, a JSON list, or a JSON object keyed by dataset name."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClipforgeError(f"class names file '{path}' does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        data: Any = json.loads(text)
+        if isinstance(data, dict):
+            if dataset is None or dataset not in data:
+                raise ClipforgeError(f"class names file '{path}' has no key '{dataset}'")
+            data = data[dataset]
+        names = [str(n) for n in data]
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ClipforgeError(f"class names file '{path}' holds no name")
+    return names
 
 
 @torch.no_grad()
 def build_zero_shot_classifier(model: CLIP, classnames: Sequence[str], templates: Sequence[str],
-                               batch_size: int = 256) -> torch.Tensor:
+                               batch_size: int = 256, precision: str = "fp32") -> torch.Tensor:
     """[embed_dim, len(classnames)] matrix of ensembled, normalised class embeddings."""
     if not classnames:
         raise ClipforgeError("no class names given; pass at least one label")
-    templates = list(templates) or ["{}"]
-    for template in templates:
-        if "{}" not in template:
-            raise ClipforgeError(f"prompt template {template!r} has no '{{}}' where the class name goes")
-    device = next(model.parameters()).device
+    templates = [normalize_template(t) for t in templates] or ["{}"]
     prompts = [template.replace("{}", name) for name in classnames for template in templates]
-    features = torch.cat([
-        model.encode_text(tokenize(prompts[i:i + batch_size], model.context_length, truncate=True).to(device),
-                          normalize=True).float()
-        for i in range(0, len(prompts), batch_size)
-    ])
+    features = text_features(model, prompts, batch_size=batch_size, precision=precision)
     per_class = features.view(len(classnames), len(templates), -1).mean(dim=1)
-    return F.normalize(per_class, dim=-1).t()
+    device = next(model.parameters()).device
+    return F.normalize(per_class, dim=-1).t().to(device)
+
+
+def evaluate_zero_shot(model: CLIP, preprocess: Callable[[Any], torch.Tensor], dataset,
+                       classnames: Sequence[str] | None = None, templates: Sequence[str] | None = None, *,
+                       batch_size: int = 128, num_workers: int = 2, precision: str = "fp32",
+                       cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                       confusion_png: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Top-1, top-5 and mean per-class recall of the prompt-ensemble classifier on ``dataset``.
+
+    ``dataset`` yields (image, label) and has ``labels`` and ``classnames``; class names and
+    templates default to the dataset's own (``'{}'`` alone when it has none).
+    """
+    classnames = list(classnames or dataset.classnames)
+    if templates is None:
+        from clipforge.evaluation.datasets import dataset_templates
+
+        templates = dataset_templates(getattr(dataset, "name", "")) or ["{}"]
+    classifier = build_zero_shot_classifier(model, classnames, templates, precision=precision).float().cpu()
+    features, indices, skipped = image_features(model, dataset, preprocess, batch_size=batch_size,
+                                                num_workers=num_workers, precision=precision,
+                                                cache_dir=cache_dir, progress=progress,
+                                                description=f"zero-shot {getattr(dataset, 'name', '')}")
+    labels = torch.as_tensor(dataset.labels, dtype=torch.long)[indices]
+    if labels.numel() and int(labels.max()) >= len(classnames):
+        raise ClipforgeError(f"the dataset has label {int(labels.max())} but only {len(classnames)} class names "
+                             "were given")
+    scores = features @ classifier
+    metrics = classification_metrics(scores, labels, len(classnames))
+    confusion = metrics.pop("confusion")
+    if confusion_png is not None:
+        from clipforge.evaluation.report import plot_confusion
+
+        plot_confusion(confusion, classnames, confusion_png)
+    return {**metrics, "num_templates": len(templates), "skipped": skipped}

@@ -47,7 +47,9 @@ class TrainConfig:
     keep_last: int = 3
     log_every_steps: int = 10
     eval_every_steps: int | None = None
-    eval: list[str] = field(default_factory=list)  # names of evaluation hooks, e.g. ["synthetic_retrieval"]
+    # evaluation hooks: "synthetic_retrieval", "zero_shot:cifar10=/data/cifar10,max_samples=2000",
+    # "retrieval:flickr8k=/data/flickr8k/captions.tsv" (';'-separated on the command line)
+    eval: list = field(default_factory=list)
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     resume: str | None = "auto"  # auto (latest checkpoint in output_dir if any), latest, a path, or none
     tensorboard: bool = True
@@ -90,7 +92,10 @@ def _coerce(name: str, value: Any) -> Any:
             raise _fail(name, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}")
         return number
     if kind is list:
-        return [v for v in value.split(",") if v] if isinstance(value, str) else list(value)
+        if not isinstance(value, str):
+            return list(value)
+        # eval specs contain commas ("zero_shot:cifar10=/data,max_samples=500"): entries split on ';'
+        return [v.strip() for v in value.split(";" if name == "eval" else ",") if v.strip()]
     if kind is dict:
         if not isinstance(value, dict):
             raise _fail(name, "must be a table/object, e.g. data = {type = \"csv\", path = \"train.csv\"}")

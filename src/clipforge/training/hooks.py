@@ -1,8 +1,10 @@
 """Periodic evaluation during training: named hooks that take the model and return metrics.
 
 A hook is a callable ``hook(model) -> {"eval/<name>": value}``, run on the main process in
-eval mode. The evaluation package registers zero-shot and retrieval hooks; the built-in
-``synthetic_retrieval`` measures held-out retrieval on the synthetic source.
+eval mode. Config entries are a registered name (``"synthetic_retrieval"``), or an evaluation
+spec ``"zero_shot:cifar10=/data/cifar10,max_samples=2000"`` / ``"retrieval:flickr8k=captions.tsv"``
+(also as a table: ``{task = "zero_shot", name = "cifar10", path = "/data/cifar10"}``). Spec
+datasets are decoded and preprocessed once, when the run starts.
 """
 
 from __future__ import annotations
@@ -25,12 +27,77 @@ def register_eval_hook(name: str) -> Callable[[Callable[..., EvalHook]], Callabl
     return decorator
 
 
-def build_eval_hooks(names: list[str], *, model: CLIP, device: torch.device, seed: int) -> list[EvalHook]:
-    unknown = [n for n in names if n not in _REGISTRY]
-    if unknown:
-        raise ConfigError(f"training config field 'eval' names unknown hook '{unknown[0]}'; "
-                          f"known hooks: {', '.join(sorted(_REGISTRY))}")
-    return [_REGISTRY[name](model=model, device=device, seed=seed) for name in names]
+def build_eval_hooks(entries: list, *, model: CLIP, device: torch.device, seed: int) -> list[EvalHook]:
+    from clipforge.errors import ClipforgeError
+    from clipforge.evaluation.runner import EvalSpec
+
+    hooks = []
+    for entry in entries:
+        try:
+            if isinstance(entry, dict):
+                spec = EvalSpec.from_dict(entry)
+                hooks.append(_spec_hook(spec, model, device))
+            elif isinstance(entry, str) and ":" in entry and entry.split(":", 1)[0] in ("zero_shot", "retrieval"):
+                task, text = entry.split(":", 1)
+                hooks.append(_spec_hook(EvalSpec.parse(task, text), model, device))
+            elif entry in _REGISTRY:
+                hooks.append(_REGISTRY[entry](model=model, device=device, seed=seed))
+            else:
+                raise ConfigError(f"training config field 'eval' names unknown hook {entry!r}; known hooks: "
+                                  f"{', '.join(sorted(_REGISTRY))}, or 'zero_shot:NAME=PATH' / 'retrieval:NAME=PATH'")
+        except ConfigError:
+            raise
+        except ClipforgeError as error:
+            raise ConfigError(f"training config field 'eval' entry {entry!r}: {error}") from None
+    return hooks
+
+
+def _spec_hook(spec, model: CLIP, device: torch.device) -> EvalHook:
+    """Zero-shot or retrieval on a dataset decoded once; each call embeds the cached pixels."""
+    from clipforge.evaluation.datasets import load_classification, load_retrieval
+    from clipforge.evaluation.metrics import classification_metrics, retrieval_metrics
+    from clipforge.evaluation.zero_shot import build_zero_shot_classifier, get_templates, read_templates
+    from clipforge.transforms import image_transform
+
+    preprocess = image_transform(model.image_size)
+    prefix = f"eval/{spec.task}_{spec.label}_"
+    if spec.task == "zero_shot":
+        dataset = load_classification(spec.name, spec.path, spec.split, classnames_file=spec.classnames,
+                                      max_samples=spec.max_samples)
+        templates = read_templates(spec.templates, spec.name) if spec.templates else get_templates(spec.name) \
+            if _has_templates(spec.name) else ["{}"]
+        labels = torch.as_tensor(dataset.labels)
+    elif spec.task == "retrieval":
+        dataset = load_retrieval(spec.name, spec.path, spec.split, image_root=spec.image_root,
+                                 max_images=spec.max_samples)
+        owners = torch.tensor([i for i, captions in enumerate(dataset.captions) for _ in captions])
+        captions = [c for group in dataset.captions for c in group]
+    else:
+        raise ConfigError(f"training config field 'eval': task '{spec.task}' cannot run during training; "
+                          "use zero_shot or retrieval")
+    pixels = torch.stack([preprocess(dataset[i][0]) for i in range(len(dataset))])
+
+    def embed_images(model: CLIP) -> torch.Tensor:
+        return torch.cat([model.encode_image(pixels[i:i + 256].to(device), normalize=True).float().cpu()
+                          for i in range(0, len(pixels), 256)])
+
+    def hook(model: CLIP) -> dict[str, float]:
+        from clipforge.evaluation.features import text_features
+
+        if spec.task == "zero_shot":
+            classifier = build_zero_shot_classifier(model, dataset.classnames, templates).float().cpu()
+            metrics = classification_metrics(embed_images(model) @ classifier, labels, len(dataset.classnames))
+            return {prefix + k: metrics[k] for k in ("top1", "top5", "mean_per_class_recall") if k in metrics}
+        metrics = retrieval_metrics(embed_images(model), text_features(model, captions), owners)
+        return {prefix + k: v for k, v in metrics.items()}
+
+    return torch.no_grad()(hook)
+
+
+def _has_templates(name: str) -> bool:
+    from clipforge.evaluation.datasets import dataset_templates
+
+    return bool(dataset_templates(name))
 
 
 @torch.no_grad()

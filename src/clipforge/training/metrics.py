@@ -74,7 +74,9 @@ def plot_training_curves(metrics_path: str | Path, png_path: str | Path) -> Path
         axis.set_title(title)
         axis.set_xlabel("step")
     if evals:
-        for key in sorted({k for r in evals for k in r if k.startswith("eval/")}):
+        shown = {k for r in evals for k in r if k.startswith("eval/")}
+        headline = {k for k in shown if not k.endswith(("top5", "mean_per_class_recall", "R@5"))}
+        for key in sorted(headline or shown):
             axes[-1].plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], label=key[5:])
         axes[-1].set_title("evaluation")
         axes[-1].set_xlabel("step")

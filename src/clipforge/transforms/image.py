@@ -126,6 +126,7 @@ class ImageTransform:
         std: Sequence[float] = OPENAI_STD,
         interpolation: str = "bicubic",
         generator: torch.Generator | None = None,
+        resize_ratio: float = 1.0,
     ) -> None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
             raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
@@ -136,8 +137,13 @@ class ImageTransform:
             raise ConfigError(f"mean and std must have 3 values (R, G, B), got {len(mean)} and {len(std)}")
         if any(s == 0 for s in std):
             raise ConfigError(f"std must not contain zeros, got {std}")
+        if not (isinstance(resize_ratio, (int, float)) and 1.0 <= resize_ratio <= 4.0):
+            raise ConfigError(f"resize_ratio must be a number in [1, 4], got {resize_ratio!r}")
         self.image_size = image_size
         self.train = bool(train)
+        # Train only: the shorter side is resized to round(ratio * size) before the random crop, so a
+        # square source still gets a random crop (ratio 1 crops only along the longer side).
+        self.resize_ratio = float(resize_ratio)
         self.mean, self.std = mean, std
         self.interpolation = interpolation
         self.generator = generator
@@ -166,7 +172,8 @@ class ImageTransform:
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
         img = to_pil(image)
-        img = resize_shorter_side(img, self.image_size, _RESAMPLE[self.interpolation])
+        side = round(self.image_size * self.resize_ratio) if self.train else self.image_size
+        img = resize_shorter_side(img, side, _RESAMPLE[self.interpolation])
         top, left = self.crop_offsets(img.height, img.width)
         img = _crop(img, top, left, self.image_size)
         if img.mode != "RGB":  # after the crop, as OpenAI does: resizing happens in the source mode
@@ -189,6 +196,7 @@ def image_transform(
     std: Sequence[float] = OPENAI_STD,
     interpolation: str = "bicubic",
     generator: torch.Generator | None = None,
+    resize_ratio: float = 1.0,
 ) -> ImageTransform:
     """The CLIP preprocessing for ``image_size``: OpenAI's eval transform, or the paper's random crop if ``train``."""
-    return ImageTransform(image_size, train, mean, std, interpolation, generator)
+    return ImageTransform(image_size, train, mean, std, interpolation, generator, resize_ratio)

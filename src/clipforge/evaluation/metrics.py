@@ -1,0 +1,66 @@
+"""Classification and retrieval metrics on precomputed scores, as the CLIP papers and CLIP_benchmark define them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """top1/top5 accuracy, mean per-class recall (balanced accuracy) and the confusion matrix.
+
+    Top-k counts a hit when the label is among the k highest scores (``torch.topk``, as
+    CLIP_benchmark). Mean per-class recall averages recall over the classes present in ``labels``,
+    like sklearn's ``balanced_accuracy_score``. ``confusion[i, j]`` counts label i predicted as j.
+    """
+    labels = labels.long()
+    metrics: dict = {"num_samples": int(labels.numel()), "num_classes": num_classes}
+    for k in (1, 5):
+        if k <= num_classes:
+            top = scores.topk(k, dim=1).indices
+            metrics[f"top{k}"] = (top == labels[:, None]).any(dim=1).float().mean().item()
+    predicted = scores.argmax(dim=1)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+    support = confusion.sum(dim=1)
+    present = support > 0
+    recall = confusion.diagonal()[present].double() / support[present].double()
+    metrics["mean_per_class_recall"] = recall.mean().item()
+    metrics["confusion"] = confusion
+    return metrics
+
+
+@torch.no_grad()
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_image: torch.Tensor,
+                      ks: Sequence[int] = (1, 5, 10), chunk: int = 4096) -> dict[str, float]:
+    """Recall@k in both directions with several captions per image, as in the CLIP papers.
+
+    image_to_text R@k: the share of images with at least one of their captions among the k
+    texts most similar to them. text_to_image R@k: the share of captions whose image is among
+    the k most similar images. ``text_image[t]`` is the image index of caption t. A candidate
+    ties with the true match only if scores are exactly equal; ties count in the query's favour.
+    """
+    text_image = text_image.long()
+    num_images = len(image_features)
+    best_positive = torch.full((num_images,), float("-inf"))
+    text_ranks = []
+    for start in range(0, len(text_features), chunk):  # text -> image: rank of the caption's own image
+        scores = text_features[start:start + chunk] @ image_features.t()
+        owner = text_image[start:start + chunk]
+        own = scores.gather(1, owner[:, None])
+        text_ranks.append((scores > own).sum(dim=1))
+        best_positive.scatter_reduce_(0, owner, own.squeeze(1), reduce="amax")
+    text_rank = torch.cat(text_ranks)
+    image_rank = torch.zeros(num_images, dtype=torch.long)
+    for start in range(0, num_images, chunk):  # image -> text: rank of the best-scoring own caption
+        scores = image_features[start:start + chunk] @ text_features.t()
+        image_rank[start:start + chunk] = (scores > best_positive[start:start + chunk, None]).sum(dim=1)
+    has_caption = torch.zeros(num_images, dtype=torch.bool)
+    has_caption[text_image] = True
+    metrics = {}
+    for k in ks:
+        metrics[f"image_to_text_R@{k}"] = (image_rank[has_caption] < k).float().mean().item()
+    for k in ks:
+        metrics[f"text_to_image_R@{k}"] = (text_rank < k).float().mean().item()
+    return metrics
