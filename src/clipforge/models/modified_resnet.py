@@ -3,6 +3,9 @@
 Differences from torchvision's ResNet, as in the paper: a 3-conv stem with an average pool
 instead of a max pool; strided blocks downsample with an average pool before the last conv
 (anti-aliasing); the global pool is a single-query attention over the final feature map.
+
+``InferenceResNet`` is the same tower frozen for inference: BatchNorm folded into the convs,
+channels-last activations, ReLU and the residual add fused into the convs through oneDNN.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from clipforge.models.layers import FrozenLinear, onednn_available
 
 
 class Bottleneck(nn.Module):
@@ -117,3 +122,101 @@ class ModifiedResNet(nn.Module):
             else:
                 x = stage(x)
         return self.attnpool(x)
+
+
+# ---------------------------------------------------------------- frozen inference path
+
+class FrozenConv:
+    """conv(x) with its eval-mode BatchNorm folded in, then optionally + residual, then optionally ReLU.
+
+    Folding: bn(conv(x)) = conv'(x) + b' with w' = w * g / sqrt(var + eps), b' = beta - mean * g / sqrt(var + eps),
+    computed in float32 and then cast. On CPU the whole thing is one oneDNN call.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype, relu: bool, channels_last: bool):
+        scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
+        weight = conv.weight.detach().float() * scale.view(-1, 1, 1, 1)
+        bias = bn.bias.detach().float() - bn.running_mean.float() * scale
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.weight = weight.to(dtype).contiguous(memory_format=memory_format)
+        self.bias = bias.to(dtype)
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        self.dilation, self.groups = list(conv.dilation), conv.groups
+        self.relu = relu
+        self.onednn = self.weight.device.type == "cpu" and onednn_available(dtype)
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.onednn:
+            args = (self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
+            if residual is not None:
+                return torch.ops.mkldnn._convolution_pointwise.binary(
+                    x, residual, *args, "add", None, "relu" if self.relu else None, [], "")
+            return torch.ops.mkldnn._convolution_pointwise(x, *args, "relu" if self.relu else "none", [], "")
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if residual is not None:
+            y = y.add_(residual)
+        return F.relu_(y) if self.relu else y
+
+
+class _InferenceBottleneck:
+    def __init__(self, block: Bottleneck, dtype: torch.dtype, channels_last: bool):
+        self.conv1 = FrozenConv(block.conv1, block.bn1, dtype, True, channels_last)
+        self.conv2 = FrozenConv(block.conv2, block.bn2, dtype, True, channels_last)
+        self.conv3 = FrozenConv(block.conv3, block.bn3, dtype, True, channels_last)  # relu after the add
+        self.stride = block.avgpool.kernel_size if isinstance(block.avgpool, nn.AvgPool2d) else 1
+        self.downsample = None
+        if block.downsample is not None:
+            self.downsample = FrozenConv(block.downsample[1], block.downsample[2], dtype, False, channels_last)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(self.conv1(x))
+        if self.stride > 1:
+            out = F.avg_pool2d(out, self.stride)
+        identity = x
+        if self.downsample is not None:
+            identity = self.downsample(F.avg_pool2d(x, self.stride) if self.stride > 1 else x)
+        return self.conv3(out, residual=identity)
+
+
+class InferenceResNet(nn.Module):
+    """ModifiedResNet frozen for inference in ``dtype``; returns float32 features.
+
+    The attention pool projects keys and values with one matmul and the query for the mean
+    token only; its softmax runs inside SDPA, which accumulates in float32.
+    """
+
+    def __init__(self, resnet: ModifiedResNet, dtype: torch.dtype, channels_last: bool = True):
+        super().__init__()
+        self.dtype, self.channels_last = dtype, channels_last
+        self.stem = [FrozenConv(getattr(resnet, f"conv{i}"), getattr(resnet, f"bn{i}"), dtype, True, channels_last)
+                     for i in (1, 2, 3)]
+        self.blocks = [_InferenceBottleneck(block, dtype, channels_last)
+                       for stage in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4) for block in stage]
+        pool = resnet.attnpool
+        self.heads = pool.heads
+        self.positional_embedding = pool.positional_embedding.detach().to(dtype)
+        self.q_proj = FrozenLinear(pool.q_proj.weight, pool.q_proj.bias, dtype)
+        self.kv_proj = FrozenLinear(torch.cat([pool.k_proj.weight, pool.v_proj.weight]),
+                                    torch.cat([pool.k_proj.bias, pool.v_proj.bias]), dtype)
+        self.c_proj = FrozenLinear(pool.c_proj.weight.float(), pool.c_proj.bias.float(), torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for conv in self.stem:
+            x = conv(x)
+        x = F.avg_pool2d(x, 2)
+        for block in self.blocks:
+            x = block(x)
+        return self._attention_pool(x)
+
+    def _attention_pool(self, x: torch.Tensor) -> torch.Tensor:
+        batch, width = x.shape[:2]
+        x = x.flatten(2).transpose(1, 2)  # [B, HW, C]
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding
+        length, head_dim = x.shape[1], width // self.heads
+        q = self.q_proj(x[:, 0].contiguous()).view(batch, self.heads, 1, head_dim)
+        kv = self.kv_proj(x.reshape(batch * length, width)).view(batch, length, 2, self.heads, head_dim)
+        out = F.scaled_dot_product_attention(q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2))
+        return self.c_proj(out.reshape(batch, width).float())
