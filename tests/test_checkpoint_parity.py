@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import clipforge
+from clipforge.errors import CheckpointError
 from clipforge.models.config import config_from_dict
 from clipforge.transforms import OPENAI_MEAN, OPENAI_STD
 from conftest import CAPTIONS, TINY_RESNET, TINY_VIT, assert_close, images_for, randomize_
@@ -72,7 +73,10 @@ def test_openai_state_dict_file(arch, tmp_path):
     torch.save(reference.state_dict(), tmp_path / "weights.pt")
     # Compared with the float32 model that wrote the file: OpenAI's clip.load would round these
     # weights through fp16 (build_model's convert_weights) before casting back on CPU.
-    ours, _ = clipforge.load(tmp_path / "weights.pt")
+    with pytest.raises(CheckpointError, match="model='openai'") as refused:  # head counts are not in the weights
+        clipforge.load(tmp_path / "weights.pt")
+    assert "\n" not in str(refused.value)
+    ours, _ = clipforge.load(tmp_path / "weights.pt", model="openai")  # OpenAI's build_model rule, stated
     _compare(ours, reference.encode_image, reference.encode_text, lambda i, t: reference(i, t)[0],
              reference.visual.input_resolution)
 
@@ -102,12 +106,12 @@ def _open_clip_compare(ours, reference, size):
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_open_clip_training_checkpoint_with_module_prefix(arch, tmp_path):
-    reference, _ = _open_clip_model(arch, quick_gelu=False)
+    reference, model_cfg = _open_clip_model(arch, quick_gelu=False)
     optimizer = torch.optim.AdamW(reference.parameters())
     checkpoint = {"epoch": 3, "name": "my-run", "optimizer": optimizer.state_dict(),
                   "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}
     torch.save(checkpoint, tmp_path / "epoch_3.pt")
-    ours, _ = clipforge.load(tmp_path / "epoch_3.pt", quick_gelu=False)  # the file does not record GELU
+    ours, _ = clipforge.load(tmp_path / "epoch_3.pt", model=model_cfg)  # the file records no architecture
     _open_clip_compare(ours, reference, ours.image_size)
 
 

@@ -117,6 +117,8 @@ def test_default_cache_respects_environment(monkeypatch, tmp_path):
 
 def test_unknown_name_lists_released_models(tmp_path):
     with pytest.raises(UnknownModelError, match="ViT-L-14-336"):
+        clipforge.load("ViT-Q-99", cache_dir=tmp_path)
+    with pytest.raises(UnknownModelError, match=r"pretrained=TAG\).*laion2b_s32b_b79k"):  # names its tags
         clipforge.load("ViT-H-14", cache_dir=tmp_path)
     with pytest.raises(UnknownModelError, match="create_model"):
         clipforge.load("ViT-Tiny-32")

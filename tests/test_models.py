@@ -48,8 +48,10 @@ def test_available_models_lists_the_nine_and_small_cpu_configs():
     assert any(c.vision.type == "resnet" and c.vision.image_size <= 64 for c in small)
 
 
-def test_openai_spellings_are_aliases():
-    assert clipforge.get_model_config("ViT-L/14@336px") == clipforge.get_model_config("ViT-L-14-336")
+def test_openai_spellings_name_openais_quickgelu_models():
+    assert clipforge.get_model_config("ViT-L/14@336px") == clipforge.get_model_config("ViT-L-14-336-quickgelu")
+    assert clipforge.get_model_config("ViT-B/32").quick_gelu
+    assert not clipforge.get_model_config("ViT-B-32").quick_gelu  # open_clip's name: GELU
 
 
 def test_unknown_model_lists_known_ones():

@@ -35,3 +35,7 @@ class ImageError(ClipforgeError):
 
 class TokenizerError(ClipforgeError, RuntimeError):
     """A text cannot be tokenized as asked (for example it is too long and truncation is off)."""
+
+
+class InputError(ClipforgeError, ValueError):
+    """A tensor or text given to a model does not fit it (wrong image size, text too long, missing tower)."""

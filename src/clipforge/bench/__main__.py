@@ -36,8 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and smaller inputs (tests, development)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {','.join(SECTIONS)}")
-    p.add_argument("--models", default="ViT-B-32,RN50", help="models for the image and text sections")
-    p.add_argument("--train-models", default="ViT-B-32:32,ViT-Tiny-32:64", help="MODEL:BATCH pairs for training")
+    p.add_argument("--models", default="ViT-B-32-quickgelu,RN50-quickgelu",
+                   help="models for the image and text sections (the -quickgelu configs are OpenAI's models)")
+    p.add_argument("--train-models", default="ViT-B-32-quickgelu:32,ViT-Tiny-32:64", help="MODEL:BATCH pairs for training")
     p.add_argument("--batch", type=int, default=32, help="images/captions per embedding call")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--loss-sizes", default=None, help="batch sizes for the loss memory section")

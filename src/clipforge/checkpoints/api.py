@@ -20,15 +20,17 @@ import torch
 from clipforge.checkpoints import hf, open_clip_format
 from clipforge.checkpoints.atomic import atomic_write
 from clipforge.checkpoints.download import RELEASED, download_verified
-from clipforge.checkpoints.infer import infer_config
-from clipforge.checkpoints.weights import load_state_dict_into, read_weights_file, unwrap_state_dict
+from clipforge.checkpoints.infer import infer_config, openai_config
+from clipforge.checkpoints.pretrained import fetch_pretrained, get_pretrained, list_pretrained_tags, split_pretrained_name
+from clipforge.checkpoints.resize import resize_position_tables
+from clipforge.checkpoints.weights import NON_WEIGHT_KEYS, load_state_dict_into, read_weights_file, unwrap_state_dict
 from clipforge.errors import CheckpointError, ClipforgeError, DownloadError, UnknownModelError
 from clipforge.models.clip import CLIP
 from clipforge.models.config import ModelConfig, config_from_dict
-from clipforge.models.factory import ALIASES, available_models
+from clipforge.models.factory import ALIASES, available_models, resolve_config, with_overrides
 from clipforge.tokenizer import get_tokenizer
 from clipforge.tokenizer.hf_files import save_hf_tokenizer_files
-from clipforge.transforms import OPENAI_MEAN, OPENAI_STD, image_transform
+from clipforge.transforms import image_transform
 
 CLIPFORGE_FORMAT = "clipforge"
 CLIPFORGE_WEIGHTS_NAME = "model.safetensors"
@@ -36,23 +38,31 @@ HF_CONFIG_NAME = "config.json"
 Format = Literal["clipforge", "open_clip", "hf"]
 
 
+# OpenAI's spellings of its released models (clip.load("ViT-B/32")).
+OPENAI_SPELLINGS = {"ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14",
+                    "ViT-L/14@336px": "ViT-L-14-336", "ViT-L-14-336px": "ViT-L-14-336"}
+
+
 def released_models() -> list[str]:
     """Names that load() downloads from OpenAI."""
     return list(RELEASED)
 
 
-def _resolve(source: str | Path, cache_dir: str | Path | None) -> tuple[Path, str]:
+def _resolve(source: str | Path, cache_dir: str | Path | None) -> tuple[Path, str, bool]:
+    """(local path, model name, whether it is one of OpenAI's released files)."""
     text = str(source)
     if text.startswith("hf-hub:"):
-        return _from_hub(text[len("hf-hub:"):], cache_dir), text
+        return _from_hub(text[len("hf-hub:"):], cache_dir), text, False
     path = Path(text).expanduser()
     if path.exists():
-        return path, path.stem
-    name = ALIASES.get(text, text)
+        return path, path.stem, False
+    name = OPENAI_SPELLINGS.get(text, text)
     if name in RELEASED:
-        return download_verified(RELEASED[name], cache_dir), name
-    if name in available_models():
-        raise UnknownModelError(f"'{text}' is an architecture without released weights; use "
+        return download_verified(RELEASED[name], cache_dir), name, True
+    if ALIASES.get(text, text) in available_models():
+        tags = list_pretrained_tags(ALIASES.get(text, text))
+        hint = (f"load('{text}', pretrained=TAG) with TAG one of {', '.join(tags)}, or " if tags else "")
+        raise UnknownModelError(f"'{text}' is an architecture name, not a checkpoint; {hint}"
                                 f"clipforge.create_model('{text}') for a randomly initialised model")
     raise UnknownModelError(
         f"'{text}' is neither an existing file or folder nor a released model; released models are "
@@ -111,64 +121,132 @@ def _read_folder_weights(folder: Path, names: tuple[str, ...]) -> dict[str, torc
     raise CheckpointError(f"folder '{folder}' has none of the weight files {', '.join(names)}")
 
 
-def _read_source(path: Path, name: str, quick_gelu: bool | None) -> tuple[ModelConfig, dict, dict[str, Any]]:
-    """(config, OpenAI-layout state dict, preprocessing settings) for a local file or folder."""
-    preprocess: dict[str, Any] = {"mean": OPENAI_MEAN, "std": OPENAI_STD}
+def _open_clip_folder(path: Path, name: str) -> tuple[ModelConfig, dict]:
+    config = open_clip_format.from_open_clip_config(_read_json(path / open_clip_format.CONFIG_NAME), name)
+    state = _read_folder_weights(path, (open_clip_format.SAFE_WEIGHTS_NAME, open_clip_format.WEIGHTS_NAME))
+    text = config.text
+    if text is not None and text.hf_tokenizer_name and any(
+            (path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        config = config.replace(text={"hf_tokenizer_name": str(path)}, name=name)  # the folder ships the tokenizer
+    return config, state
+
+
+def _plain_state_config(state: dict, path: Path, name: str, quick_gelu: bool | None, model: Any,
+                        torchscript: bool) -> ModelConfig:
+    """The architecture of weights that carry no config: the caller's, OpenAI's rule, or inferred without doubt."""
+    if hf.is_hf_state_dict(state):
+        raise CheckpointError(f"'{path}' holds Hugging Face weights without their config; pass the folder "
+                              "that contains config.json")
+    if model == "openai" or (model is None and torchscript):
+        return openai_config(state, name)
+    if model is not None:
+        return resolve_config(model)
+    return infer_config(state, quick_gelu=quick_gelu, name=name, source=f"'{path}'")
+
+
+def _read_source(path: Path, name: str, quick_gelu: bool | None, model: Any = None) -> tuple[ModelConfig, dict]:
+    """(config, OpenAI-layout state dict) for a local file or folder."""
     if path.is_dir():
         if (path / open_clip_format.CONFIG_NAME).is_file():
-            config, preprocess = open_clip_format.from_open_clip_config(
-                _read_json(path / open_clip_format.CONFIG_NAME), name)
-            state = _read_folder_weights(path, (open_clip_format.SAFE_WEIGHTS_NAME, open_clip_format.WEIGHTS_NAME))
+            config, state = _open_clip_folder(path, name)
         elif (path / HF_CONFIG_NAME).is_file():
-            config = hf.from_hf_config(_read_json(path / HF_CONFIG_NAME), name)
-            state = hf.hf_to_openai(_read_folder_weights(path, ("model.safetensors", "pytorch_model.bin")))
-            if (path / "preprocessor_config.json").is_file():
-                processor = _read_json(path / "preprocessor_config.json")
-                preprocess = {"mean": tuple(processor.get("image_mean", OPENAI_MEAN)),
-                              "std": tuple(processor.get("image_std", OPENAI_STD))}
+            config, state = hf.read_hf_folder(path, name)
         elif (path / CLIPFORGE_WEIGHTS_NAME).is_file():
-            return _read_source(path / CLIPFORGE_WEIGHTS_NAME, name, quick_gelu)
+            return _read_source(path / CLIPFORGE_WEIGHTS_NAME, name, quick_gelu, model)
         else:
             raise CheckpointError(f"folder '{path}' is not a CLIP checkpoint: it has no open_clip_config.json, "
                                   f"config.json or {CLIPFORGE_WEIGHTS_NAME}")
+        if model is not None:
+            config = resolve_config(model)
     else:
         content, metadata = read_weights_file(path)
         if metadata.get("format") == CLIPFORGE_FORMAT:
-            config = config_from_dict(json.loads(metadata["config"]), name)
+            config = resolve_config(model) if model is not None else config_from_dict(json.loads(metadata["config"]), name)
             state = content
         elif isinstance(content, dict) and isinstance(content.get("config"), dict):  # clipforge training checkpoint
-            config = config_from_dict(content["config"], name)
+            config = resolve_config(model) if model is not None else config_from_dict(content["config"], name)
             state = unwrap_state_dict(content, path)
         else:
-            state = unwrap_state_dict(content, path)
-            if hf.is_hf_state_dict(state):
-                raise CheckpointError(f"'{path}' holds Hugging Face weights without their config; pass the folder "
-                                      "that contains config.json")
-            config = infer_config(state, quick_gelu=True if quick_gelu is None else quick_gelu, name=name)
-    if quick_gelu is not None and quick_gelu != config.quick_gelu:
-        config = config.replace(quick_gelu=quick_gelu, name=name)
-    return config, state, preprocess
+            state = open_clip_format.from_custom_text_layout(unwrap_state_dict(content, path))
+            torchscript = any(key in state for key in NON_WEIGHT_KEYS)
+            config = _plain_state_config(state, path, name, quick_gelu, model, torchscript)
+    return config, open_clip_format.from_custom_text_layout(state)
+
+
+def _fit_scalar_logit_scale(state: dict) -> dict:
+    scale = state.get("logit_scale")
+    if scale is not None and scale.dim() == 1 and scale.numel() == 1:  # open_clip's nonscalar_logit_scale
+        state = {**state, "logit_scale": scale.reshape(())}
+    return state
+
+
+def _pretrained_source(source: str, pretrained: str | None, cache_dir) -> tuple[Path, ModelConfig] | None:
+    """For open_clip names ("ViT-B-32" + pretrained="laion2b_s34b_b79k", or "ViT-B-32/laion2b_s34b_b79k"):
+    the downloaded weights and the config with the tag's activation and preprocessing."""
+    if pretrained is None:
+        split = split_pretrained_name(source)
+        if split is None:
+            return None
+        source, pretrained = split
+    if Path(str(pretrained)).expanduser().is_file():  # open_clip also takes pretrained=<file>
+        return Path(str(pretrained)).expanduser(), resolve_config(source)
+    weights = get_pretrained(source, pretrained)
+    path = fetch_pretrained(weights, cache_dir)
+    config = resolve_config(weights.architecture)
+    preprocess = {key: value for key, value in weights.preprocess_cfg().items()
+                  if key in ("mean", "std", "interpolation", "resize_mode", "fill_color")}
+    config = config.replace(quick_gelu=weights.quick_gelu, preprocess=preprocess,
+                            name=f"{weights.architecture}/{weights.tag}")
+    return path, config
 
 
 def load(source: str | Path, device: str | torch.device = "cpu", jit: bool = False,
          download_root: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
-         quick_gelu: bool | None = None, cache_dir: str | Path | None = None
-         ) -> tuple[CLIP, Callable[[Any], torch.Tensor]]:
+         quick_gelu: bool | None = None, cache_dir: str | Path | None = None, model: Any = None,
+         pretrained: str | None = None, image_size: int | None = None, context_length: int | None = None,
+         ) -> tuple[CLIP, Callable[[Any], torch.Tensor] | None]:
     """A CLIP model in eval mode and its preprocessing transform, from any supported source.
 
     The first four parameters are those of OpenAI's ``clip.load`` (``download_root`` is an alias
-    of ``cache_dir``). quick_gelu overrides the activation for formats that do not record it
-    (OpenAI state dicts are QuickGELU; open_clip checkpoints trained with GELU need False).
+    of ``cache_dir``). ``pretrained``: an open_clip tag for the architecture named by ``source``
+    (``load("ViT-B-32", pretrained="laion2b_s34b_b79k")``; ``"ViT-B-32/laion2b_s34b_b79k"`` too).
+    ``model``: the architecture of weights that do not record it (a name, config dict or JSON file,
+    or "openai" for OpenAI's rule). ``quick_gelu`` sets the activation where the source does not
+    record it (plain state dicts) and overrides it elsewhere. ``image_size`` / ``context_length``
+    resize the position tables as open_clip does. A text-only model comes with no transform (None).
     """
     if jit:
         raise ClipforgeError("clipforge does not run TorchScript graphs; call load(..., jit=False) (the default) "
                              "to get the same model as a regular module")
-    path, name = _resolve(source, cache_dir if cache_dir is not None else download_root)
-    config, state, preprocess = _read_source(path, name, quick_gelu)
-    model = CLIP(config)
-    load_state_dict_into(model, state, str(source))
-    model = model.to(device=device, dtype=dtype).eval()
-    return model, image_transform(config.vision.image_size, mean=preprocess["mean"], std=preprocess["std"])
+    cache = cache_dir if cache_dir is not None else download_root
+    resolved = _pretrained_source(str(source), pretrained, cache) if not str(source).startswith("hf-hub:") else None
+    if resolved is not None:
+        path, config = resolved
+        config_from_tag = config if model is None else resolve_config(model)
+        content, _ = read_weights_file(path)
+        state = open_clip_format.from_custom_text_layout(unwrap_state_dict(content, path))
+        config = config_from_tag
+    elif pretrained is not None:
+        raise UnknownModelError(f"pretrained={pretrained!r} applies to an architecture name such as 'ViT-B-32', "
+                                f"not to '{source}'; load that source without pretrained=")
+    else:
+        path, name, openai_release = _resolve(source, cache)
+        config, state = _read_source(path, name, quick_gelu, "openai" if openai_release and model is None else model)
+    config = with_overrides(config, quick_gelu=quick_gelu, image_size=image_size, context_length=context_length)
+    state = resize_position_tables(_fit_scalar_logit_scale(state), config)
+    clip = CLIP(config)
+    load_state_dict_into(clip, state, str(source))
+    clip = clip.to(device=device, dtype=dtype).eval()
+    return clip, model_transform(config)
+
+
+def model_transform(config: ModelConfig) -> Callable[[Any], torch.Tensor] | None:
+    """The eval preprocessing a checkpoint was made for (None for a text-only model)."""
+    if config.vision is None:
+        return None
+    pre = config.preprocess
+    return image_transform(config.vision.image_size, mean=pre.mean, std=pre.std, interpolation=pre.interpolation,
+                           resize_mode=pre.resize_mode, fill_color=pre.fill_color)
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -198,14 +276,19 @@ def save(model: CLIP, path: str | Path, format: Format = "clipforge") -> Path:
         _save_safetensors(state, target, {"format": CLIPFORGE_FORMAT, "config": json.dumps(config.to_dict())})
         return target
     if format == "open_clip":
-        _save_safetensors(state, path / open_clip_format.SAFE_WEIGHTS_NAME)
-        _save_json(open_clip_format.to_open_clip_config(config), path / open_clip_format.CONFIG_NAME)
+        config_data = open_clip_format.to_open_clip_config(config)  # refuses what open_clip cannot hold
+        _save_safetensors(open_clip_format.to_custom_text_layout(state, config),
+                          path / open_clip_format.SAFE_WEIGHTS_NAME)
+        _save_json(config_data, path / open_clip_format.CONFIG_NAME)
         return path
     if format == "hf":
         hf_state = hf.openai_to_hf(state, config)
         _save_safetensors(hf_state, path / "model.safetensors", {"format": "pt"})
         _save_json(hf.to_hf_config(config), path / HF_CONFIG_NAME)
-        _save_json(hf.to_hf_preprocessor_config(config), path / "preprocessor_config.json")
-        save_hf_tokenizer_files(get_tokenizer(), path, config.text.context_length)
+        processor = hf.to_hf_preprocessor_config(config)
+        if processor is not None:
+            _save_json(processor, path / "preprocessor_config.json")
+        if config.text is not None:
+            save_hf_tokenizer_files(get_tokenizer(), path, config.text.context_length)
         return path
     raise ValueError(f"unknown format {format!r}; choose 'clipforge', 'open_clip' or 'hf'")

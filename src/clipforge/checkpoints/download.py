@@ -3,7 +3,8 @@
 Each URL carries the file's SHA-256 as its second-to-last path segment (OpenAI's scheme).
 A cached file is re-checked before use; a download is streamed to a ``.part`` file, hashed
 on the way, and only moved into place when the hash matches, so a failed or corrupted
-download never leaves a file that looks complete.
+download never leaves a file that looks complete. ``download_checked`` does the same for URLs
+whose hash is known only in part (open_clip's release files name a prefix) or not at all.
 """
 
 from __future__ import annotations
@@ -57,11 +58,20 @@ def sha256_of(path: Path) -> str:
 
 def download_verified(url: str, cache_dir: str | Path | None = None, progress: bool = True) -> Path:
     """Path of the verified local copy of url, downloading it once if needed."""
-    expected = expected_sha256(url)
+    return download_checked(url, expected_sha256(url), cache_dir, progress)
+
+
+def download_checked(url: str, sha256: str | None, cache_dir: str | Path | None = None, progress: bool = True,
+                     what: str | None = None) -> Path:
+    """Local copy of url in the cache, checked against sha256 (a full digest or a prefix; None: unchecked).
+
+    open_clip's release files carry only a digest prefix in their names, and some hosts none at all,
+    so the check is as strong as the source allows. ``what`` names the file in error messages.
+    """
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / url.rstrip("/").split("/")[-1]
-    if target.is_file() and sha256_of(target) == expected:
+    if target.is_file() and (sha256 is None or sha256_of(target).startswith(sha256)):
         return target
     partial = target.with_name(target.name + ".part")
     digest = hashlib.sha256()
@@ -77,14 +87,17 @@ def download_verified(url: str, cache_dir: str | Path | None = None, progress: b
     except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
         partial.unlink(missing_ok=True)
         reason = getattr(error, "reason", error)
+        source = f"{what} from {url}" if what else url
         raise DownloadError(
-            f"cannot download {url} ({reason}); check the network connection, or download the file "
+            f"cannot download {source} ({reason}); check the network connection, or download the file "
             "elsewhere and pass its local path instead"
         ) from None
-    if digest.hexdigest() != expected:
+    if sha256 is not None and not digest.hexdigest().startswith(sha256):
         partial.unlink(missing_ok=True)
+        name = f"{what} ({target.name})" if what else target.name
+        wanted = sha256 if len(sha256) == 64 else f"one starting with {sha256}"
         raise DownloadError(
-            f"downloaded {target.name} has SHA-256 {digest.hexdigest()} but {expected} was expected; "
+            f"downloaded {name} has SHA-256 {digest.hexdigest()} but {wanted} was expected; "
             "the download is corrupt and was deleted, try again"
         )
     os.replace(partial, target)

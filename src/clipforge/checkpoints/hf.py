@@ -1,20 +1,43 @@
-"""Hugging Face CLIPModel <-> OpenAI layout: key renaming, q/k/v split, projection transposes.
+"""Hugging Face CLIP checkpoints <-> clipforge: config translation, key renaming, q/k/v split, transposes.
 
-Hugging Face's CLIPModel has a ViT image tower only, so ResNet models cannot be written in
-this format (the error says so).
+Three transformers classes hold a CLIP embedding model, and only these load: ``CLIPModel``,
+``CLIPVisionModelWithProjection`` (a ``ModelConfig`` with ``text=None``) and
+``CLIPTextModelWithProjection`` (``vision=None``). Anything else (plain ``CLIPVisionModel``, which
+has no projection, SigLIP, ...) is refused in one sentence from config.json, before its weights
+could produce a misleading "missing keys" message. The reference is transformers' modeling_clip.py:
+per-tower ``layer_norm_eps`` and ``hidden_act``, any head count, any ``intermediate_size``, and its
+text pooling rule (``eos_token_id == 2``: argmax of the ids; otherwise the first ``eos_token_id``).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from clipforge.errors import CheckpointError
-from clipforge.models.config import ModelConfig, config_from_dict
+from clipforge.models.config import OPENAI_MEAN, OPENAI_STD, ModelConfig, config_from_dict
 
 LAYER_NORM_EPS = 1e-5
+CLIP_MODEL, VISION_MODEL, TEXT_MODEL = "CLIPModel", "CLIPVisionModelWithProjection", "CLIPTextModelWithProjection"
+_MODEL_TYPES = {CLIP_MODEL: "clip", VISION_MODEL: "clip_vision_model", TEXT_MODEL: "clip_text_model"}
+_LOADABLE = ("only CLIPModel, CLIPVisionModelWithProjection and CLIPTextModelWithProjection are CLIP checkpoints "
+             "clipforge loads")
+_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+# transformers' defaults (configuration_clip.py): a config.json omits whatever equals them.
+_TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "projection_dim": 512,
+                  "num_hidden_layers": 12, "num_attention_heads": 8, "max_position_embeddings": 77,
+                  "hidden_act": "quick_gelu", "layer_norm_eps": LAYER_NORM_EPS, "eos_token_id": 49407}
+_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "projection_dim": 512, "num_hidden_layers": 12,
+                    "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
+                    "hidden_act": "quick_gelu", "layer_norm_eps": LAYER_NORM_EPS}
+_ACTS = {"quick_gelu": (True, "none"), "gelu": (False, "none"), "gelu_pytorch_tanh": (False, "tanh")}
+_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values CLIPImageProcessor stores
 # (OpenAI name inside a residual block, Hugging Face name inside an encoder layer)
 _BLOCK_RENAMES = [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_fc.", "mlp.fc1."),
                   ("mlp.c_proj.", "mlp.fc2."), ("attn.out_proj.", "self_attn.out_proj.")]
@@ -80,14 +103,244 @@ def hf_to_openai(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def openai_to_hf(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    if config.vision.is_resnet:
-        raise CheckpointError("Hugging Face's CLIPModel has no ResNet image tower; save ResNet models with "
+# ---------------------------------------------------------------- reading
+
+def hf_architecture(data: dict[str, Any], weight_keys: set[str] | None = None, source: str = "config.json") -> str:
+    """Which loadable class config.json describes (weights decide when ``architectures`` is absent)."""
+    archs = data.get("architectures") or []
+    archs = [archs] if isinstance(archs, str) else list(archs)
+    model_type = data.get("model_type")
+    arch = next((a for a in archs if a in _MODEL_TYPES), None)
+    if arch is None and not archs:  # older configs name only the model type
+        if model_type == "clip":
+            arch = CLIP_MODEL
+        elif model_type in ("clip_vision_model", "clip_text_model"):
+            vision = model_type == "clip_vision_model"
+            projection = "visual_projection.weight" if vision else "text_projection.weight"
+            with_projection = weight_keys is None or projection in weight_keys
+            arch = (VISION_MODEL if vision else TEXT_MODEL) if with_projection else \
+                ("CLIPVisionModel" if vision else "CLIPTextModel")
+    if arch not in _MODEL_TYPES:
+        named = archs[0] if archs else arch
+        if named is None:
+            what = f"a Hugging Face model_type {model_type!r}" if model_type else "no Hugging Face model type"
+        else:
+            what = f"a Hugging Face {named}" + (f" (model_type {model_type!r})" if model_type else "")
+        if named in ("CLIPVisionModel", "CLIPTextModel"):
+            what += " without a projection into the joint embedding space"
+        raise CheckpointError(f"{source} describes {what}; {_LOADABLE}")
+    if model_type not in (None, _MODEL_TYPES[arch]):
+        raise CheckpointError(f"{source} names architecture {arch} but model_type {model_type!r} "
+                              f"(expected {_MODEL_TYPES[arch]!r}); fix config.json")
+    return arch
+
+
+def _activation(cfg: dict[str, Any], where: str, source: str) -> tuple[bool, str]:
+    act = cfg["hidden_act"]
+    if act not in _ACTS:
+        raise CheckpointError(f"{source} sets {where}hidden_act to {act!r}; clipforge's CLIP supports "
+                              f"{', '.join(repr(a) for a in _ACTS)}")
+    return _ACTS[act]
+
+
+def _mlp_ratio(intermediate: int, width: int) -> float:
+    """A ratio with ``int(width * ratio) == intermediate`` (clipforge's and open_clip's MLP width rule), checked."""
+    for ratio in (intermediate / width, (intermediate + 0.5) / width):
+        if int(width * ratio) == intermediate:
+            return ratio
+    raise CheckpointError(f"intermediate_size {intermediate} cannot be expressed as a ratio of width {width}")
+
+
+def _square(value: Any, field: str, source: str) -> Any:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise CheckpointError(f"{source} sets {field} to {list(value)}; clipforge's ViT takes square values only")
+        return value[0]
+    return value
+
+
+def _text_section(cfg: dict[str, Any], where: str, source: str) -> tuple[dict[str, Any], bool]:
+    quick, approx = _activation(cfg, where, source)
+    eos = cfg["eos_token_id"]
+    if isinstance(eos, bool) or not isinstance(eos, int):
+        raise CheckpointError(f"{source} sets {where}eos_token_id to {eos!r}; the CLIP text tower pools at one "
+                              "integer token id")
+    pool = {"pool_type": "argmax"} if eos == 2 else {"pool_type": "eos", "eos_id": eos}  # transformers' rule
+    return {"context_length": cfg["max_position_embeddings"], "vocab_size": cfg["vocab_size"],
+            "width": cfg["hidden_size"], "layers": cfg["num_hidden_layers"], "heads": cfg["num_attention_heads"],
+            "mlp_ratio": _mlp_ratio(cfg["intermediate_size"], cfg["hidden_size"]), "norm_eps": cfg["layer_norm_eps"],
+            "gelu_approximate": approx, **pool}, quick
+
+
+def _vision_section(cfg: dict[str, Any], where: str, source: str) -> tuple[dict[str, Any], bool]:
+    quick, approx = _activation(cfg, where, source)
+    if cfg["num_channels"] != 3:
+        raise CheckpointError(f"{source} sets {where}num_channels to {cfg['num_channels']}; CLIP takes RGB (3)")
+    return {"type": "vit", "image_size": _square(cfg["image_size"], where + "image_size", source),
+            "patch_size": _square(cfg["patch_size"], where + "patch_size", source), "width": cfg["hidden_size"],
+            "layers": cfg["num_hidden_layers"], "heads": cfg["num_attention_heads"],
+            "mlp_ratio": _mlp_ratio(cfg["intermediate_size"], cfg["hidden_size"]), "norm_eps": cfg["layer_norm_eps"],
+            "gelu_approximate": approx}, quick
+
+
+def _sub_config(data: dict[str, Any], key: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """A CLIPModel tower config as transformers builds it: a legacy ``*_config_dict`` replaces ``*_config``."""
+    legacy = data.get(f"{key}_dict")
+    return {**defaults, **(legacy if isinstance(legacy, dict) else data.get(key) or {})}
+
+
+def from_hf_config(data: dict[str, Any], name: str, processor: dict[str, Any] | None = None, *,
+                   architecture: str | None = None, source: str = "config.json") -> ModelConfig:
+    """A ModelConfig from config.json (+ preprocessor_config.json), transformers' defaults filling gaps."""
+    arch = architecture or hf_architecture(data, source=source)
+    vision = text = None
+    if arch == CLIP_MODEL:
+        text, text_quick = _text_section(_sub_config(data, "text_config", _TEXT_DEFAULTS), "text_config.", source)
+        vision, vision_quick = _vision_section(_sub_config(data, "vision_config", _VISION_DEFAULTS),
+                                               "vision_config.", source)
+        if text_quick != vision_quick:
+            quick_tower = "text" if text_quick else "vision"
+            raise CheckpointError(f"{source} uses quick_gelu in the {quick_tower} tower only; clipforge's CLIP "
+                                  "needs both towers to use QuickGELU or neither")
+        quick, embed_dim = text_quick, data.get("projection_dim", 512)
+    elif arch == VISION_MODEL:
+        vision, quick = _vision_section({**_VISION_DEFAULTS, **data}, "", source)
+        embed_dim = data.get("projection_dim", _VISION_DEFAULTS["projection_dim"])
+    else:
+        text, quick = _text_section({**_TEXT_DEFAULTS, **data}, "", source)
+        embed_dim = data.get("projection_dim", _TEXT_DEFAULTS["projection_dim"])
+    preprocess = preprocess_from_hf(processor, vision["image_size"]) if processor and vision else None
+    return config_from_dict({"embed_dim": embed_dim, "quick_gelu": quick, "vision": vision, "text": text,
+                             "preprocess": preprocess}, name)
+
+
+def _edge(value: Any) -> dict[str, Any]:
+    return {"shortest_edge": value} if isinstance(value, int) else dict(value or {})  # legacy configs store ints
+
+
+def preprocess_from_hf(processor: dict[str, Any], image_size: int, source: str = "preprocessor_config.json"
+                       ) -> dict[str, Any]:
+    """PreprocessConfig fields for a CLIPImageProcessor config; the transform always makes image_size images."""
+    resample = processor.get("resample", 3)
+    if resample not in _RESAMPLE:
+        raise CheckpointError(f"{source} sets resample to {resample!r}; clipforge resizes with bilinear (2) or "
+                              "bicubic (3) only")
+    rescale = processor.get("rescale_factor", 1 / 255)
+    if not processor.get("do_resize", True) or not processor.get("do_rescale", True) or \
+            abs(rescale * 255 - 1) > 1e-9:
+        raise CheckpointError(f"{source} turns off resizing or rescales pixels by {rescale} instead of 1/255; "
+                              "clipforge's transform cannot reproduce it")
+    size, crop = _edge(processor.get("size", 224)), processor.get("crop_size", 224)
+    crop = {"height": crop, "width": crop} if isinstance(crop, int) else dict(crop or {})
+    crop_side = crop.get("height") if crop.get("height") == crop.get("width") else f"{crop}"
+    center_crop = processor.get("do_center_crop", True)
+    if set(size) == {"shortest_edge"}:
+        mode, resized = "shortest", size["shortest_edge"]
+    elif set(size) == {"height", "width"} and size["height"] == size["width"]:
+        mode, resized = "squash", size["height"]
+        crop_side = crop_side if center_crop else resized
+    else:
+        raise CheckpointError(f"{source} sets size to {size}; clipforge supports {{'shortest_edge': N}} and square "
+                              "{'height': N, 'width': N} only")
+    if resized != image_size or crop_side != image_size or (mode == "shortest" and not center_crop):
+        warnings.warn(f"{source} resizes to {resized} and crops to {crop_side if center_crop else 'nothing'}, but "
+                      f"the model takes {image_size}x{image_size} images; clipforge's transform resizes and crops "
+                      f"to {image_size}", stacklevel=3)
+    if not processor.get("do_normalize", True):
+        return {"interpolation": _RESAMPLE[resample], "resize_mode": mode, "mean": [0.0] * 3, "std": [1.0] * 3}
+    return {"interpolation": _RESAMPLE[resample], "resize_mode": mode,
+            "mean": processor.get("image_mean", list(OPENAI_MEAN)), "std": processor.get("image_std", list(OPENAI_STD))}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"'{path}' is not valid JSON ({error}); download or save it again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"'{path}' holds a JSON {type(data).__name__}, not an object; download or save it again")
+    return data
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, else pytorch_model.bin, either possibly sharded (``*.index.json``)."""
+    from clipforge.checkpoints.weights import read_weights_file, unwrap_state_dict
+
+    for name in _WEIGHT_NAMES:
+        index = folder / f"{name}.index.json"
+        if not index.is_file() and not (folder / name).is_file():
+            continue
+        files = sorted(set(_read_json(index).get("weight_map", {}).values())) if index.is_file() else [name]
+        state: dict[str, torch.Tensor] = {}
+        for file in files:  # read_weights_file names a missing or corrupt shard
+            state.update(unwrap_state_dict(read_weights_file(folder / file)[0], folder / file))
+        return state
+    raise CheckpointError(f"folder '{folder}' has none of the weight files {', '.join(_WEIGHT_NAMES)}")
+
+
+def read_hf_folder(folder: Path, name: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(clipforge config, OpenAI-layout state dict) of a Hugging Face CLIP folder, ready for load_state_dict_into."""
+    folder = Path(folder)
+    source = str(folder / "config.json")
+    data = _read_json(folder / "config.json")
+    undecided = not data.get("architectures") and data.get("model_type") in ("clip_vision_model", "clip_text_model")
+    arch = None if undecided else hf_architecture(data, source=source)  # refuse before reading any weights
+    weights = read_hf_weights(folder)
+    arch = arch or hf_architecture(data, set(weights), source)
+    processor_path = folder / "preprocessor_config.json"
+    processor = _read_json(processor_path) if processor_path.is_file() and arch != TEXT_MODEL else None
+    config = from_hf_config(data, name, processor, architecture=arch, source=source)
+    state = hf_to_openai(weights)
+    if arch != CLIP_MODEL:  # one tower: no temperature stored, CLIP's initial one
+        state.setdefault("logit_scale", torch.tensor(math.log(1 / 0.07), dtype=torch.float32))
+    return config, state
+
+
+# ---------------------------------------------------------------- writing
+
+def _hf_problem(config: ModelConfig) -> str | None:
+    vision, text = config.vision, config.text
+    if vision is not None:
+        if vision.is_resnet:
+            return "a ResNet image tower (Hugging Face's CLIP has no ResNet)"
+        problems = [(vision.ls_init_value is not None, "layer scale (vision.ls_init_value)"),
+                    (vision.no_ln_pre, "an image tower without ln_pre (vision.no_ln_pre)"),
+                    (vision.pool_type != "tok", f"image pooling {vision.pool_type!r} (vision.pool_type)"),
+                    (vision.attentional_pool is not False, "an attentional pooler (vision.attentional_pool)")]
+        found = next((what for bad, what in problems if bad), None)
+        if found:
+            return found
+        if config.preprocess.resize_mode == "longest":
+            return "resize_mode 'longest' preprocessing (CLIPImageProcessor cannot pad to a square)"
+    if text is not None:
+        problems = [(text.ls_init_value is not None, "layer scale (text.ls_init_value)"),
+                    (text.no_causal_mask, "bidirectional text attention (text.no_causal_mask)"),
+                    (text.pool_type in ("first", "last"), f"text pooling {text.pool_type!r} (text.pool_type)"),
+                    (text.pool_type == "eos" and text.eos_id == 2,
+                     "text pool_type 'eos' with eos_id 2 (Hugging Face reads eos_token_id 2 as argmax pooling)"),
+                    (text.embed_cls, "a text class token (text.embed_cls)"),
+                    (text.proj_type != "linear", "a text tower without projection (text.proj_type 'none')"),
+                    (text.proj_bias, "a text projection bias (text.proj_bias)"),
+                    (text.hf_tokenizer_name is not None, "a tokenizer other than CLIP's (text.hf_tokenizer_name)")]
+        return next((what for bad, what in problems if bad), None)
+    return None
+
+
+def check_hf_expressible(config: ModelConfig) -> None:
+    """Refuse, in one sentence naming the option, a model transformers' CLIP classes would compute differently."""
+    problem = _hf_problem(config)
+    if problem:
+        raise CheckpointError(f"Hugging Face's CLIP classes cannot express {problem}; save this model with "
                               "format='clipforge' or 'open_clip'")
+
+
+def openai_to_hf(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    check_hf_expressible(config)
+    one_tower = config.vision is None or config.text is None
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        if key.endswith("num_batches_tracked"):
-            continue
+        if key.endswith("num_batches_tracked") or (one_tower and key == "logit_scale"):
+            continue  # *WithProjection classes have no temperature
         if key in _PLAIN_RENAMES:
             out[_PLAIN_RENAMES[key]] = value
             continue
@@ -113,71 +366,47 @@ def openai_to_hf(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> di
     return out
 
 
-def _act(config: ModelConfig) -> str:
-    return "quick_gelu" if config.quick_gelu else "gelu"
+def _act(quick_gelu: bool, gelu_approximate: str) -> str:
+    return "quick_gelu" if quick_gelu else ("gelu_pytorch_tanh" if gelu_approximate == "tanh" else "gelu")
+
+
+def _tower_hf(config: ModelConfig, tower: str) -> dict[str, Any]:
+    if tower == "text":
+        t = config.text
+        return {"model_type": "clip_text_model", "vocab_size": t.vocab_size, "hidden_size": t.width,
+                "intermediate_size": int(t.width * t.mlp_ratio), "num_hidden_layers": t.layers,
+                "num_attention_heads": t.heads, "max_position_embeddings": t.context_length,
+                "hidden_act": _act(config.quick_gelu, t.gelu_approximate), "layer_norm_eps": t.norm_eps,
+                "projection_dim": config.embed_dim, "bos_token_id": 49406, "pad_token_id": 1,
+                "eos_token_id": 2 if t.pool_type == "argmax" else t.eos_id}  # 2: transformers' argmax pooling
+    v = config.vision
+    return {"model_type": "clip_vision_model", "hidden_size": v.width, "intermediate_size": int(v.width * v.mlp_ratio),
+            "num_hidden_layers": v.layers, "num_attention_heads": v.heads, "image_size": v.image_size,
+            "patch_size": v.patch_size, "num_channels": 3, "hidden_act": _act(config.quick_gelu, v.gelu_approximate),
+            "layer_norm_eps": v.norm_eps, "projection_dim": config.embed_dim}
 
 
 def to_hf_config(config: ModelConfig) -> dict[str, Any]:
-    vision, text = config.vision, config.text
-    return {
-        "architectures": ["CLIPModel"],
-        "model_type": "clip",
-        "projection_dim": config.embed_dim,
-        "logit_scale_init_value": 2.6592,
-        "text_config": {
-            "model_type": "clip_text_model", "vocab_size": text.vocab_size, "hidden_size": text.width,
-            "intermediate_size": int(text.width * text.mlp_ratio), "num_hidden_layers": text.layers,
-            "num_attention_heads": text.heads, "max_position_embeddings": text.context_length,
-            "hidden_act": _act(config), "layer_norm_eps": LAYER_NORM_EPS, "projection_dim": config.embed_dim,
-            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
-        },
-        "vision_config": {
-            "model_type": "clip_vision_model", "hidden_size": vision.width,
-            "intermediate_size": int(vision.width * vision.mlp_ratio), "num_hidden_layers": vision.layers,
-            "num_attention_heads": vision.heads, "image_size": vision.image_size, "patch_size": vision.patch_size,
-            "num_channels": 3, "hidden_act": _act(config), "layer_norm_eps": LAYER_NORM_EPS,
-            "projection_dim": config.embed_dim,
-        },
-    }
+    """config.json for CLIPModel, or the *WithProjection class of a one-tower model."""
+    check_hf_expressible(config)
+    if config.text is None:
+        return {"architectures": [VISION_MODEL], **_tower_hf(config, "vision")}
+    if config.vision is None:
+        return {"architectures": [TEXT_MODEL], **_tower_hf(config, "text")}
+    return {"architectures": [CLIP_MODEL], "model_type": "clip", "projection_dim": config.embed_dim,
+            "logit_scale_init_value": 2.6592, "text_config": _tower_hf(config, "text"),
+            "vision_config": _tower_hf(config, "vision")}
 
 
-def from_hf_config(data: dict[str, Any], name: str) -> ModelConfig:
-    """A ModelConfig from a Hugging Face config.json (CLIPModel defaults fill gaps, as transformers does)."""
-    text = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
-            "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-            "layer_norm_eps": LAYER_NORM_EPS, **(data.get("text_config") or {})}
-    vision = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-              "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu", "num_channels": 3,
-              "layer_norm_eps": LAYER_NORM_EPS, **(data.get("vision_config") or {})}
-    acts = {text["hidden_act"], vision["hidden_act"]}
-    if len(acts) != 1 or not acts <= {"quick_gelu", "gelu"}:
-        raise CheckpointError(f"Hugging Face config uses activations {sorted(acts)}; clipforge supports "
-                              "'quick_gelu' or 'gelu' used by both towers")
-    for tower, cfg in (("text_config", text), ("vision_config", vision)):
-        if abs(cfg["layer_norm_eps"] - LAYER_NORM_EPS) > 1e-12:
-            raise CheckpointError(f"Hugging Face config {tower}.layer_norm_eps is {cfg['layer_norm_eps']}; "
-                                  f"clipforge's CLIP uses {LAYER_NORM_EPS} as OpenAI does")
-    if vision["num_channels"] != 3:
-        raise CheckpointError("Hugging Face config vision_config.num_channels must be 3 (RGB)")
-    return config_from_dict({
-        "embed_dim": data.get("projection_dim", 512),
-        "quick_gelu": acts == {"quick_gelu"},
-        "vision": {"type": "vit", "image_size": vision["image_size"], "patch_size": vision["patch_size"],
-                   "width": vision["hidden_size"], "layers": vision["num_hidden_layers"],
-                   "heads": vision["num_attention_heads"],
-                   "mlp_ratio": vision["intermediate_size"] / vision["hidden_size"]},
-        "text": {"context_length": text["max_position_embeddings"], "vocab_size": text["vocab_size"],
-                 "width": text["hidden_size"], "layers": text["num_hidden_layers"],
-                 "heads": text["num_attention_heads"], "mlp_ratio": text["intermediate_size"] / text["hidden_size"]},
-    }, name)
-
-
-def to_hf_preprocessor_config(config: ModelConfig) -> dict[str, Any]:
-    """CLIPImageProcessor settings equal to OpenAI's preprocess at this model's resolution."""
-    from clipforge.transforms import OPENAI_MEAN, OPENAI_STD
-
-    size = config.vision.image_size
-    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
-            "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(OPENAI_MEAN),
-            "image_std": list(OPENAI_STD), "do_convert_rgb": True}
+def to_hf_preprocessor_config(config: ModelConfig) -> dict[str, Any] | None:
+    """CLIPImageProcessor settings equal to this model's preprocess (None for a text-only model: write no file)."""
+    if config.vision is None:
+        return None
+    check_hf_expressible(config)
+    size, pre = config.vision.image_size, config.preprocess
+    resize = {"size": {"shortest_edge": size}, "do_center_crop": True} if pre.resize_mode == "shortest" else \
+        {"size": {"height": size, "width": size}, "do_center_crop": False}
+    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, **resize,
+            "resample": {v: k for k, v in _RESAMPLE.items()}[pre.interpolation],
+            "crop_size": {"height": size, "width": size}, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": list(pre.mean), "image_std": list(pre.std), "do_convert_rgb": True}

@@ -36,6 +36,9 @@ def add_eval_parser(sub: argparse._SubParsersAction, gelu_help: str) -> None:
     parser.add_argument("--confusion", action="store_true", help="also write a confusion-matrix PNG per zero-shot eval")
     parser.add_argument("--quick-gelu", choices=("auto", "yes", "no"), default="auto", help=gelu_help)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from clipforge.cli.convert_command import add_architecture_options
+
+    add_architecture_options(parser)
     parser.set_defaults(run=run_eval_command)
 
 
@@ -51,7 +54,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
         raise ClipforgeError("nothing to evaluate; pass --zero-shot, --linear-probe or --retrieval NAME=PATH")
     if args.batch_size <= 0 or args.workers < 0:
         raise ClipforgeError("--batch-size must be positive and --workers >= 0")
-    model, preprocess = load(args.model, device=args.device, quick_gelu=args.quick_gelu)
+    model, preprocess = load(args.model, device=args.device, quick_gelu=args.quick_gelu, model=args.model_config,
+                             pretrained=args.pretrained, image_size=args.image_size)
     output = Path(args.output)
     cache = None if args.feature_cache == "none" else Path(args.feature_cache or output / "feature_cache")
     run_evals(specs, model, preprocess, model_name=str(args.model), output_dir=output, batch_size=args.batch_size,

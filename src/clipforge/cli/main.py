@@ -13,24 +13,6 @@ from typing import Sequence
 from clipforge.errors import ClipforgeError
 
 
-def _cmd_models(args: argparse.Namespace) -> int:
-    import torch
-
-    from clipforge.checkpoints import RELEASED
-    from clipforge.models import available_models, create_model
-
-    rows = []
-    for name in available_models():
-        with torch.device("meta"):
-            model = create_model(name)
-        v = model.config.vision
-        tower = f"ViT {v.width}w x{v.layers} /{v.patch_size}" if v.type == "vit" else f"ResNet {v.width}w {list(v.layers)}"
-        params = sum(p.numel() for p in model.parameters())
-        rows.append((name, tower, str(v.image_size), f"{params / 1e6:.2f}M", "yes" if name in RELEASED else "-"))
-    _print_table(("model", "image tower", "res", "params", "OpenAI weights"), rows)
-    return 0
-
-
 def _print_table(header: Sequence[str], rows: list[Sequence[str]]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -70,7 +52,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     from clipforge.transforms import load_image
 
     labels = _labels(args)
-    model, preprocess = load(args.model, device=args.device, quick_gelu=args.quick_gelu)
+    model, preprocess = load(args.model, device=args.device, quick_gelu=args.quick_gelu, model=args.model_config,
+                             pretrained=args.pretrained, image_size=args.image_size)
     classifier = build_zero_shot_classifier(model, labels, _templates(args.templates))
     failures = 0
     for image_path in args.images:
@@ -91,15 +74,6 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     if failures:
         print(f"\n{failures} of {len(args.images)} images could not be read", file=sys.stderr)
     return 1 if failures else 0
-
-
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from clipforge.checkpoints import load, save
-
-    model, _ = load(args.source, quick_gelu=args.quick_gelu)
-    written = save(model, args.dest, format=args.to)
-    print(f"wrote {args.to} checkpoint of {model.config.name} to {written}")
-    return 0
 
 
 def _overrides(extra: list[str]) -> dict[str, str]:
@@ -139,15 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    models = sub.add_parser("models", help="list the built-in architectures")
-    models.set_defaults(run=_cmd_models)
+    from clipforge.cli.models_command import add_models_parser
 
-    gelu_help = "activation for formats that do not record it: auto (QuickGELU for OpenAI layouts), yes, no"
+    add_models_parser(sub)
+
+    gelu_help = ("activation for plain state dicts, which do not record it (and an override elsewhere): "
+                 "auto (from the checkpoint or --model-config), yes (QuickGELU), no (GELU)")
     classify = sub.add_parser("classify", help="zero-shot classify images with prompt-ensembled labels")
     classify.add_argument("images", nargs="+", help="image files")
     classify.add_argument("--labels", help="comma-separated class names, e.g. 'dog,cat,bird'")
     classify.add_argument("--labels-file", help="a file with one class name per line")
-    classify.add_argument("--model", required=True, help="checkpoint path, released name (ViT-B-32) or hf-hub:ORG/REPO")
+    classify.add_argument("--model", required=True,
+                          help="checkpoint path, released name (ViT-B-32), ARCH/TAG (ViT-B-32/laion2b_s34b_b79k) or hf-hub:ORG/REPO")
     classify.add_argument("--templates", default="imagenet",
                           help="prompt set: imagenet (80 prompts, default), simple (7), none, or a file of templates with {}")
     classify.add_argument("--top", type=int, default=5, help="how many labels to show per image")
@@ -155,12 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--quick-gelu", choices=("auto", "yes", "no"), default="auto", help=gelu_help)
     classify.set_defaults(run=_cmd_classify)
 
-    convert = sub.add_parser("convert", help="convert a checkpoint between formats")
-    convert.add_argument("source", help="checkpoint path, released name or hf-hub:ORG/REPO")
-    convert.add_argument("dest", help="output folder (or .safetensors file for --to clipforge)")
-    convert.add_argument("--to", required=True, choices=("hf", "open_clip", "clipforge"))
-    convert.add_argument("--quick-gelu", choices=("auto", "yes", "no"), default="auto", help=gelu_help)
-    convert.set_defaults(run=_cmd_convert)
+    from clipforge.cli.convert_command import add_architecture_options, add_convert_parser
+
+    add_architecture_options(classify)
+    add_convert_parser(sub, gelu_help)
 
     train = sub.add_parser("train", help="contrastive pre-training or fine-tuning (torchrun for many processes)",
                            description="Options come from --config (TOML or JSON) and are overridden by --name value "

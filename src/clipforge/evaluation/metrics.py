@@ -43,19 +43,20 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     """
     text_image = text_image.long()
     num_images = len(image_features)
-    best_positive = torch.full((num_images,), float("-inf"))
     text_ranks = []
     for start in range(0, len(text_features), chunk):  # text -> image: rank of the caption's own image
         scores = text_features[start:start + chunk] @ image_features.t()
-        owner = text_image[start:start + chunk]
-        own = scores.gather(1, owner[:, None])
+        own = scores.gather(1, text_image[start:start + chunk, None])
         text_ranks.append((scores > own).sum(dim=1))
-        best_positive.scatter_reduce_(0, owner, own.squeeze(1), reduce="amax")
     text_rank = torch.cat(text_ranks)
     image_rank = torch.zeros(num_images, dtype=torch.long)
     for start in range(0, num_images, chunk):  # image -> text: rank of the best-scoring own caption
+        # The own captions' scores come from this same product: a product of another shape can round
+        # differently (threaded BLAS), and a caption must never be ranked against its own other rounding.
         scores = image_features[start:start + chunk] @ text_features.t()
-        image_rank[start:start + chunk] = (scores > best_positive[start:start + chunk, None]).sum(dim=1)
+        own = text_image[None, :] == torch.arange(start, start + len(scores))[:, None]
+        best_positive = scores.masked_fill(~own, float("-inf")).amax(dim=1, keepdim=True)
+        image_rank[start:start + chunk] = (scores > best_positive).sum(dim=1)
     has_caption = torch.zeros(num_images, dtype=torch.bool)
     has_caption[text_image] = True
     metrics = {}

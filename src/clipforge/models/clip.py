@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.models.config import ModelConfig
+from clipforge.errors import InputError
+from clipforge.models.config import ModelConfig, TextConfig
 from clipforge.models.layers import (
     InferenceTransformer,
     LayerNorm,
@@ -35,62 +36,141 @@ from clipforge.models.vision_transformer import (
 MAX_LOGIT_SCALE = 100.0  # the paper clips the learned temperature so logits never exceed 100x cosine
 
 
-def trim_text(text: torch.Tensor, context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids cut after the batch's last [EOS], each row's [EOS] position); checks the length.
-
-    Causal attention: tokens after the last [EOS] cannot change any [EOS] feature, so dropping
-    them is exact and saves the padding's compute.
-    """
+def check_text_length(text: torch.Tensor, context_length: int) -> None:
     if text.shape[-1] > context_length:
-        raise ValueError(
+        raise InputError(
             f"text has {text.shape[-1]} tokens but the model's context length is {context_length}; "
-            f"tokenize with context_length={context_length}"
+            f"tokenize with model.tokenize(...) or clipforge.tokenize(..., context_length={context_length})"
         )
-    eot = text.argmax(dim=-1)  # [EOS] has the largest id, so argmax finds it
-    return (text[:, : int(eot.max()) + 1] if text.shape[0] else text), eot
+
+
+def pooled_positions(text: torch.Tensor, config: TextConfig) -> torch.Tensor | None:
+    """Where each sequence's feature is read: its [EOS] (the largest id, or the first ``eos_id``);
+    None for 'first'/'last', which depend on the padded length."""
+    if config.pool_type == "argmax":
+        return text.argmax(dim=-1)
+    if config.pool_type == "eos":
+        return (text == config.eos_id).int().argmax(dim=-1)
+    return None
+
+
+def check_image_size(image: torch.Tensor, config: ModelConfig) -> None:
+    size = config.vision.image_size
+    if image.dim() != 4 or tuple(image.shape[-2:]) != (size, size) or image.shape[1] != 3:
+        raise InputError(
+            f"model '{config.name}' takes images of shape [N, 3, {size}, {size}], got {list(image.shape)}; "
+            f"preprocess with the model's transform, or load it with image_size={image.shape[-1]} "
+            "to resize its position embeddings"
+        )
+
+
+def trim_to_pooled(text: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal towers only: drop the columns after the last pooled position (they cannot reach it)."""
+    return (text[:, : int(pooled.max()) + 1] if text.shape[0] else text), pooled
+
+
+def _text_attention_mask(text: torch.Tensor, config: TextConfig, heads: int) -> torch.Tensor:
+    """open_clip's additive mask for a text tower with an appended class token: causal (unless disabled)
+    plus padding masked out of the keys. The key-validity row is open_clip's legacy one: the class
+    token's (always valid) flag comes first, so every flag is shifted one position to the right."""
+    length = text.shape[1] + 1
+    valid = torch.cat([torch.ones_like(text[:, :1], dtype=torch.bool), text != config.pad_id], dim=1)
+    mask = torch.zeros(text.shape[0], 1, length, length, device=text.device)
+    mask.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    if config.causal:
+        mask = mask + torch.full((length, length), float("-inf"), device=text.device).triu_(1)
+    return mask
 
 
 class CLIP(nn.Module):
+    """Image tower, text tower, learned temperature. Either tower may be absent (one-tower checkpoints)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        vision, text = config.vision, config.text
-        if vision.is_resnet:
-            self.visual = ModifiedResNet(vision.layers, config.embed_dim, vision.heads, vision.image_size, vision.width)
-        else:
-            self.visual = VisionTransformer(vision.image_size, vision.patch_size, vision.width, vision.layers,
-                                            vision.heads, config.embed_dim, vision.mlp_ratio, config.quick_gelu)
-        self.context_length = text.context_length
-        self.vocab_size = text.vocab_size
-        self.token_embedding = nn.Embedding(text.vocab_size, text.width)
-        self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))
-        self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_ratio, config.quick_gelu)
-        self.ln_final = LayerNorm(text.width)
-        self.text_projection = nn.Parameter(torch.empty(text.width, config.embed_dim))
+        self.visual = self._build_visual(config) if config.vision is not None else None
+        text = config.text
+        if text is not None:
+            self.context_length = text.context_length
+            self.vocab_size = text.vocab_size
+            self.token_embedding = nn.Embedding(text.vocab_size, text.width)
+            self.positional_embedding = nn.Parameter(torch.empty(text.num_positions, text.width))
+            if text.embed_cls:
+                self.cls_emb = nn.Parameter(torch.empty(text.width))
+            self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_ratio, config.quick_gelu,
+                                           text.ls_init_value, text.norm_eps, text.gelu_approximate)
+            self.ln_final = LayerNorm(text.width, eps=text.norm_eps)
+            if text.proj_type == "none":
+                self.text_projection = None
+            elif text.proj_bias:
+                self.text_projection = nn.Linear(text.width, config.embed_dim)
+            else:
+                self.text_projection = nn.Parameter(torch.empty(text.width, config.embed_dim))
+            self._init_text_like_openai()
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self._init_text_like_openai()
+
+    @staticmethod
+    def _build_visual(config: ModelConfig) -> nn.Module:
+        vision = config.vision
+        if vision.is_resnet:
+            return ModifiedResNet(vision.layers, config.embed_dim, vision.heads, vision.image_size, vision.width)
+        return VisionTransformer(vision.image_size, vision.patch_size, vision.width, vision.layers, vision.heads,
+                                 config.embed_dim, vision.mlp_ratio, config.quick_gelu, vision)
 
     def _init_text_like_openai(self) -> None:
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
+        if self.config.text.embed_cls:
+            nn.init.normal_(self.cls_emb, std=0.01)
         self.transformer.init_like_openai_text()
-        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+        if isinstance(self.text_projection, nn.Linear):
+            nn.init.normal_(self.text_projection.weight, std=self.transformer.width ** -0.5)
+            nn.init.zeros_(self.text_projection.bias)
+        elif self.text_projection is not None:
+            nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text_projection.dtype
+        return self.logit_scale.dtype
 
     @property
     def image_size(self) -> int:
-        return self.config.vision.image_size
+        return self._vision().image_size
+
+    @property
+    def has_image_tower(self) -> bool:
+        return self.config.vision is not None
+
+    @property
+    def has_text_tower(self) -> bool:
+        return self.config.text is not None
+
+    def _vision(self):
+        if self.config.vision is None:
+            raise InputError(f"model '{self.config.name}' has no image tower (it was loaded from a text-only "
+                             "checkpoint); encode images with a model that has one")
+        return self.config.vision
+
+    def _text(self) -> TextConfig:
+        if self.config.text is None:
+            raise InputError(f"model '{self.config.name}' has no text tower (it was loaded from an image-only "
+                             "checkpoint); encode text with a model that has one")
+        return self.config.text
+
+    def tokenize(self, texts, context_length: int | None = None) -> torch.Tensor:
+        """Token ids for this model: its tokenizer and context length, long texts truncated (as open_clip)."""
+        from clipforge.tokenizer.factory import get_tokenizer
+
+        return get_tokenizer(self)(texts, context_length=context_length)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Trade compute for memory: recompute each block's activations during backward."""
-        self.transformer.grad_checkpointing = enable
+        if self.has_text_tower:
+            self.transformer.grad_checkpointing = enable
         visual = self.visual
         if isinstance(visual, VisionTransformer):
             visual.transformer.grad_checkpointing = enable
-        else:
+        elif visual is not None:
             visual.grad_checkpointing = enable
 
     def for_inference(self, dtype: torch.dtype = torch.float32, *, channels_last: bool = True,
@@ -103,11 +183,17 @@ class CLIP(nn.Module):
         graph) instead of the fused eager kernels; it pays for ResNets on CPU (docs/benchmarks.md).
         The first call per input shape compiles (seconds); if compiling fails, a warning is given
         and the eager fast path is used. Later changes to this model's weights do not reach the
-        copy; build a new one after training.
+        copy; build a new one after training. Towers with open_clip options the fused kernels do not
+        cover (layer scale, other pooling, bidirectional text, ...) run as they are, in ``dtype``.
         """
         return InferenceCLIP(self, dtype, channels_last=channels_last, compile=compile)
 
+    def check_image_size(self, image: torch.Tensor) -> None:
+        self._vision()
+        check_image_size(image, self.config)
+
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        self.check_image_size(image)
         features = self.visual(image.to(self.visual_dtype))
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -116,10 +202,30 @@ class CLIP(nn.Module):
         return self.visual.conv1.weight.dtype
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        text, eot = trim_text(text, self.context_length)
-        x = self.token_embedding(text).to(self.dtype) + self.positional_embedding[: text.shape[1]].to(self.dtype)
-        x = self.ln_final(self.transformer(x, causal=True))
-        features = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+        config = self._text()
+        check_text_length(text, self.context_length)
+        positions = pooled_positions(text, config)
+        if config.causal and positions is not None and not config.embed_cls:
+            text, positions = trim_to_pooled(text, positions)
+        dtype = self.token_embedding.weight.dtype
+        x = self.token_embedding(text).to(dtype)
+        mask = None
+        if config.embed_cls:
+            x = torch.cat([x, self.cls_emb.to(dtype).expand(x.shape[0], 1, -1)], dim=1)
+            mask = _text_attention_mask(text, config, 1)
+        x = x + self.positional_embedding[: x.shape[1]].to(dtype)
+        x = self.transformer(x, causal=config.causal and mask is None, attn_mask=mask)
+        if config.embed_cls:
+            pooled = x[:, -1]
+        elif positions is not None:
+            pooled = x[torch.arange(x.shape[0], device=x.device), positions]
+        else:
+            pooled = x[:, 0] if config.pool_type == "first" else x[:, -1]
+        features = self.ln_final(pooled)  # LayerNorm is per token: norming only the pooled one is exact
+        if isinstance(self.text_projection, nn.Linear):
+            features = self.text_projection(features)
+        elif self.text_projection is not None:
+            features = features @ self.text_projection
         return F.normalize(features, dim=-1) if normalize else features
 
     def logit_scale_value(self) -> torch.Tensor:
@@ -138,6 +244,18 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
+class _PlainTower(nn.Module):
+    """A tower the fused kernels do not cover, frozen as it is in ``dtype`` (features in float32)."""
+
+    def __init__(self, encode, module: CLIP, dtype: torch.dtype):
+        super().__init__()
+        self.model = copy.deepcopy(module).to(dtype).eval().requires_grad_(False)
+        self.encode = encode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(self.model, x).float()
+
+
 class InferenceCLIP(nn.Module):
     """A CLIP frozen for inference (built by ``CLIP.for_inference``): ``encode_image``, ``encode_text``
     and ``forward`` as CLIP's, run under ``torch.inference_mode``, returning float32.
@@ -148,24 +266,35 @@ class InferenceCLIP(nn.Module):
     def __init__(self, model: CLIP, dtype: torch.dtype = torch.float32, channels_last: bool = True,
                  compile: bool = False):
         super().__init__()
-        self.config, self.context_length, self.dtype = model.config, model.context_length, dtype
+        self.config, self.dtype = model.config, dtype
+        vision, text = model.config.vision, model.config.text
         self.channels_last = channels_last and isinstance(model.visual, ModifiedResNet)
         self._compiled = None
+        self.fused_text = text is not None and text.is_standard
         with torch.no_grad():
-            if compile:
+            if vision is not None and compile:
                 tower = copy.deepcopy(model.visual).to(dtype).eval().requires_grad_(False)
                 if self.channels_last:
                     tower = tower.to(memory_format=torch.channels_last)
                 self._compiled = torch.compile(tower)
-            if isinstance(model.visual, ModifiedResNet):
+            if vision is None:
+                self.visual = None
+            elif isinstance(model.visual, ModifiedResNet):
                 self.visual = InferenceResNet(model.visual, dtype, channels_last)
-            else:
+            elif vision.is_standard:
                 self.visual = InferenceVisionTransformer(model.visual, dtype)
-            self.token_embedding = model.token_embedding.weight.detach().to(dtype)
-            self.positional_embedding = model.positional_embedding.detach().to(dtype)
-            self.transformer = InferenceTransformer(model.transformer, dtype)
-            self.ln_final = float_copy(model.ln_final)
-            self.text_projection = model.text_projection.detach().float()
+            else:
+                self.visual = _PlainTower(lambda m, x: m(x), model.visual, dtype)
+            if text is not None:
+                self.context_length = model.context_length
+            if self.fused_text:
+                self.token_embedding = model.token_embedding.weight.detach().to(dtype)
+                self.positional_embedding = model.positional_embedding.detach().to(dtype)
+                self.transformer = InferenceTransformer(model.transformer, dtype)
+                self.ln_final = float_copy(model.ln_final)
+                self.text_projection = model.text_projection.detach().float()
+            elif text is not None:
+                self.text_tower = _PlainTower(lambda m, ids: m.encode_text(ids), model, dtype)
             self.logit_scale = model.logit_scale_value().detach().float()
         self.eval()
 
@@ -175,7 +304,10 @@ class InferenceCLIP(nn.Module):
 
     @torch.inference_mode()
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        image = image.to(self.text_projection.device)
+        if self.visual is None:
+            raise InputError(f"model '{self.config.name}' has no image tower; encode images with a model that has one")
+        check_image_size(image, self.config)
+        image = image.to(self.logit_scale.device)
         features = self._compiled_image(image) if self._compiled is not None else None
         if features is None:
             features = self.visual(image)
@@ -199,7 +331,14 @@ class InferenceCLIP(nn.Module):
 
     @torch.inference_mode()
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        text, eot = trim_text(text.to(self.token_embedding.device), self.context_length)
+        if self.config.text is None:
+            raise InputError(f"model '{self.config.name}' has no text tower; encode text with a model that has one")
+        text = text.to(self.logit_scale.device)
+        if not self.fused_text:
+            features = self.text_tower(text)
+            return F.normalize(features, dim=-1) if normalize else features
+        check_text_length(text, self.context_length)
+        text, eot = trim_to_pooled(text, pooled_positions(text, self.config.text))
         if not text.shape[0]:
             return self.text_projection.new_zeros(0, self.text_projection.shape[1])
         x = F.embedding(text, self.token_embedding) + self.positional_embedding[: text.shape[1]]

@@ -46,15 +46,19 @@ class QuickGELU(nn.Module):
 EXPLICIT_ATTENTION_MAX_LENGTH = 128
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over [B, H, L, d]: SDPA, or explicit math when training short CPU sequences.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+              attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v over [B, H, L, d]: SDPA, or explicit math when training short CPU sequences.
 
-    The explicit path computes the softmax in at least float32, as SDPA does.
+    ``attn_mask`` is additive (0 or -inf), broadcastable to [B, H, L, L]. The explicit path computes the
+    softmax in at least float32, as SDPA does.
     """
     length = q.shape[-2]
-    if not (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
-            and length <= EXPLICIT_ATTENTION_MAX_LENGTH):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if attn_mask is not None or not (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
+                                     and length <= EXPLICIT_ATTENTION_MAX_LENGTH):
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
     if causal:
         future = torch.ones(length, k.shape[-2], dtype=torch.bool, device=q.device).triu_(1)
@@ -75,52 +79,77 @@ class SelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        out = attention(qkv[0], qkv[1], qkv[2], causal=causal)
+        out = attention(qkv[0], qkv[1], qkv[2], causal=causal, attn_mask=attn_mask)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
-class ResidualAttentionBlock(nn.Module):
-    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+class LayerScale(nn.Module):
+    """A learned per-channel gain on a residual branch (CaiT; open_clip's ``ls_init_value``)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, quick_gelu: bool = True):
+    def __init__(self, width: int, init_value: float):
+        super().__init__()
+        self.gamma = nn.Parameter(init_value * torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+def activation(quick_gelu: bool, gelu_approximate: str = "none") -> nn.Module:
+    """QuickGELU (OpenAI's weights) or GELU (open_clip's default for new training)."""
+    if quick_gelu:
+        if gelu_approximate != "none":
+            raise ValueError("gelu_approximate applies to GELU, not QuickGELU")
+        return QuickGELU()
+    return nn.GELU(approximate=gelu_approximate)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN block: x + ls_1(attn(ln_1(x))), then x + ls_2(mlp(ln_2(x))); ls_* only with layer scale."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, quick_gelu: bool = True,
+                 ls_init_value: float | None = None, norm_eps: float = 1e-5, gelu_approximate: str = "none"):
         super().__init__()
         hidden = int(width * mlp_ratio)
-        self.ln_1 = LayerNorm(width)
+        self.ln_1 = LayerNorm(width, eps=norm_eps)
         self.attn = SelfAttention(width, heads)
-        self.ln_2 = LayerNorm(width)
+        self.ls_1 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
+        self.ln_2 = LayerNorm(width, eps=norm_eps)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, hidden)),
-            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+            ("gelu", activation(quick_gelu, gelu_approximate)),
             ("c_proj", nn.Linear(hidden, width)),
         ]))
+        self.ls_2 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.ls_1(self.attn(self.ln_1(x), causal=causal, attn_mask=attn_mask))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
 class Transformer(nn.Module):
     """A stack of residual attention blocks, optionally gradient-checkpointed."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, quick_gelu: bool = True):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, quick_gelu: bool = True,
+                 ls_init_value: float | None = None, norm_eps: float = 1e-5, gelu_approximate: str = "none"):
         super().__init__()
         self.width = width
         self.layers = layers
         self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu) for _ in range(layers)
+            ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu, ls_init_value, norm_eps, gelu_approximate)
+            for _ in range(layers)
         )
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, use_reentrant=False)
+                x = checkpoint(block, x, causal, attn_mask, use_reentrant=False)
             else:
-                x = block(x, causal=causal)
+                x = block(x, causal=causal, attn_mask=attn_mask)
         return x
 
     def init_like_openai_text(self) -> None:

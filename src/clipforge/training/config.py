@@ -20,7 +20,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 @dataclass
 class TrainConfig:
     model: str = "ViT-Tiny-32"  # architecture name or JSON config file
-    init_from: str | None = None  # any source clipforge.load reads (fine-tuning)
+    init_from: str | None = None  # any source clipforge.load reads (fine-tuning), ARCH/TAG included
+    init_model: str | None = None  # architecture of a plain-state-dict init_from: a name, JSON file or "openai"
+    init_quick_gelu: bool | None = None  # activation of a plain-state-dict init_from (it is not recorded)
     data: dict[str, Any] = field(default_factory=lambda: {"type": "synthetic"})
     output_dir: str = "runs/clipforge"
     epochs: int = 1
@@ -75,8 +77,8 @@ def _coerce(name: str, value: Any) -> Any:
         if "None" in annotation:
             return None
         raise _fail(name, "cannot be empty")
-    kind = type(default) if default is not None else (int if "int" in annotation else float if "float" in annotation
-                                                       else str)
+    kind = type(default) if default is not None else (bool if annotation.startswith("bool") else int if "int" in
+                                                       annotation else float if "float" in annotation else str)
     if kind is bool:
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
             return value.lower() in ("true", "yes", "1")

@@ -38,7 +38,10 @@ class TrainingStopped(ClipforgeError):
 
 def build_model(config: TrainConfig, device: torch.device) -> CLIP:
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = load_checkpoint_model(config.init_from)[0] if config.init_from else create_model(config.model)
+    if config.init_from:
+        model = load_checkpoint_model(config.init_from, model=config.init_model, quick_gelu=config.init_quick_gelu)[0]
+    else:
+        model = create_model(config.model)
     model = model.float().train()
     if config.lock_image:
         model.visual.requires_grad_(False)
@@ -46,7 +49,8 @@ def build_model(config: TrainConfig, device: torch.device) -> CLIP:
         for part in (model.token_embedding, model.transformer, model.ln_final):
             part.requires_grad_(False)
         model.positional_embedding.requires_grad_(False)
-        model.text_projection.requires_grad_(False)
+        if model.text_projection is not None:
+            model.text_projection.requires_grad_(False)
     model.set_grad_checkpointing(config.grad_checkpointing)
     return model.to(device)
 

@@ -1,12 +1,15 @@
-"""Image preprocessing: OpenAI CLIP's exact ``preprocess`` (and the paper's train-time random crop), no torchvision."""
+"""Image preprocessing: OpenAI CLIP's exact ``preprocess``, open_clip's resize modes, no torchvision."""
 
 from clipforge.transforms.image import (
     OPENAI_MEAN,
     OPENAI_STD,
+    RESIZE_MODES,
     ImageTransform,
     image_transform,
     load_image,
+    preprocess_kwargs,
     to_pil,
 )
 
-__all__ = ["OPENAI_MEAN", "OPENAI_STD", "ImageTransform", "image_transform", "load_image", "to_pil"]
+__all__ = ["OPENAI_MEAN", "OPENAI_STD", "RESIZE_MODES", "ImageTransform", "image_transform", "load_image",
+           "preprocess_kwargs", "to_pil"]

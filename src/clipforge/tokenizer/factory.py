@@ -1,0 +1,298 @@
+"""Each model's tokenizer, giving exactly the ids of open_clip 3.3.0's ``get_tokenizer``.
+
+Most models use CLIP's BPE (``CLIPTokenizer``); a config whose text tower names a Hugging Face
+tokenizer (``hf_tokenizer_name``: CLIPA's BERT, mT5, XLM-V, ...) gets ``HFTokenizer``, which needs
+the optional ``transformers`` package. Both truncate long texts like open_clip (the last slot holds
+the end token) and return int64 ids. Built tokenizers are cached, so ``model.tokenize`` per batch
+costs a dict lookup plus the tokenization itself.
+
+open_clip's BPE differs from OpenAI's ``clip.tokenize`` (``clipforge.tokenize``) in two ways kept
+here: its special tokens are spelt ``<start_of_text>``/``<end_of_text>`` (so a literal
+``<|endoftext|>`` in a caption is ordinary text), and it always truncates instead of raising.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import string
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import ftfy
+import numpy as np
+import regex
+import torch
+
+from clipforge.errors import TokenizerError
+from clipforge.tokenizer.bpe import EOT_TOKEN_ID, SOT_TOKEN_ID, VOCAB_SIZE, is_fast_text
+
+__all__ = ["CLEAN_MODES", "CLIPTokenizer", "HFTokenizer", "get_tokenizer"]
+
+DEFAULT_CONTEXT_LENGTH = 77
+CLEAN_MODES = ("lower", "whitespace", "canonicalize")
+OPEN_CLIP_SOT, OPEN_CLIP_EOT = "<start_of_text>", "<end_of_text>"
+# open_clip's pretokenizer: OpenAI's, with open_clip's spelling of the two special tokens.
+_PRETOKEN_PAT = regex.compile(
+    r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+_SPECIAL_IDS = {OPEN_CLIP_SOT: (SOT_TOKEN_ID,), OPEN_CLIP_EOT: (EOT_TOKEN_ID,)}  # exact case only, as open_clip
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_CHUNK_CACHE_SIZE = 1 << 18
+_SOT_BYTES, _EOT_BYTES = (np.array([i], dtype=np.int32).tobytes() for i in (SOT_TOKEN_ID, EOT_TOKEN_ID))
+
+
+def _basic_clean(text: str) -> str:
+    """open_clip's ``basic_clean``; ftfy and html.unescape are the identity on printable ASCII without '&'."""
+    if is_fast_text(text):
+        return text.strip()
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def clean(text: str, mode: str) -> str:
+    """open_clip's ``get_clean_fn(mode)(text)``, statement for statement."""
+    text = _basic_clean(text)
+    if mode == "canonicalize":
+        text = text.replace("_", " ").translate(_NO_PUNCTUATION).lower()
+        return " ".join(text.split()).strip()
+    text = " ".join(text.split()).strip()
+    return text.lower() if mode == "lower" else text
+
+
+def _check_context_length(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TokenizerError(f"context_length must be a positive integer, got {value!r}.")
+    return value
+
+
+def _as_list(texts: str | Sequence[str]) -> list[str]:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"tokenizers expect str texts, got {type(text).__name__} at index {index}.")
+    return texts
+
+
+class CLIPTokenizer:
+    """open_clip's ``SimpleTokenizer``: CLIP BPE ids, always truncated with EOT last, int64.
+
+    BPE merges come from clipforge's shared fast ``Tokenizer`` (its per-pretoken cache); this class
+    adds open_clip's cleaning modes, special-token spelling and a per-chunk cache of packed ids.
+    """
+
+    vocab_size = VOCAB_SIZE
+    sot_token_id = SOT_TOKEN_ID
+    eot_token_id = EOT_TOKEN_ID
+
+    def __init__(self, context_length: int = DEFAULT_CONTEXT_LENGTH, clean: str = "lower",
+                 reduction_mask: str | None = None) -> None:
+        if reduction_mask:
+            raise TokenizerError(f"reduction_mask={reduction_mask!r} (open_clip's training-time token dropping) is "
+                                 "not supported; tokenize with plain truncation by leaving reduction_mask out.")
+        if clean not in CLEAN_MODES:
+            raise TokenizerError(f"clean={clean!r} is not a cleaning mode; use one of {', '.join(CLEAN_MODES)}.")
+        from clipforge.tokenizer import get_tokenizer as shared_bpe
+
+        self.context_length = _check_context_length(context_length)
+        self.clean = clean
+        self.bpe = shared_bpe()
+        self.decoder = {**self.bpe.decoder, SOT_TOKEN_ID: OPEN_CLIP_SOT, EOT_TOKEN_ID: OPEN_CLIP_EOT}
+        self._lookup = _chunk_bytes(self.bpe)
+
+    def _chunks(self, text: str) -> list[str]:
+        """Cleaned text split on ' ': pretokens never contain ' ', so ids per chunk are exact."""
+        if self.clean != "canonicalize" and is_fast_text(text):  # basic_clean is the identity here
+            return (text.lower() if self.clean == "lower" else text).split()
+        return clean(text, self.clean).split(" ")
+
+    def _ids(self, text: str) -> bytes:
+        return b"".join(map(self._lookup, self._chunks(text)))
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text`` without SOT/EOT, as open_clip's ``SimpleTokenizer.encode``."""
+        return np.frombuffer(self._ids(text), dtype=np.int32).tolist()
+
+    def decode(self, ids: Any) -> str:
+        """open_clip's ``SimpleTokenizer.decode``: every id rendered, specials as ``<start_of_text>``."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        ids = [ids] if isinstance(ids, int) else ids
+        text = "".join([self.decoder[int(i)] for i in ids])
+        data = bytearray([self.bpe.byte_decoder[c] for c in text])
+        return data.decode("utf-8", errors="replace").replace("</w>", " ")
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        """Int64 ids [N, context_length]: SOT, ids, EOT, zeros; a long text keeps its first ids and ends in EOT."""
+        texts = _as_list(texts)
+        context_length = self.context_length if context_length is None else _check_context_length(context_length)
+        max_bytes = 4 * context_length
+        buf, lengths = bytearray(), []
+        for text in texts:
+            row = _SOT_BYTES + self._ids(text)
+            if len(row) + 4 > max_bytes:
+                row = row[: max_bytes - 4]  # open_clip: tokens[:context_length], then tokens[-1] = EOT
+            buf += row
+            buf += _EOT_BYTES
+            lengths.append(len(row) + 4)
+        out = np.zeros((len(texts), context_length), dtype=np.int64)
+        filled = np.arange(0, max_bytes, 4) < np.array(lengths, dtype=np.int64)[:, None]
+        out[filled] = np.frombuffer(buf, dtype=np.int32)  # row-major order = concatenation order
+        return torch.from_numpy(out)
+
+    def __repr__(self) -> str:
+        return f"CLIPTokenizer(context_length={self.context_length}, clean={self.clean!r})"
+
+
+@lru_cache(maxsize=4)
+def _chunk_bytes(bpe: Any) -> Any:
+    """A bounded cache: chunk of cleaned text -> its ids as packed int32 (shared by all clean modes)."""
+    cache: dict[str, bytes] = {}
+
+    def lookup(chunk: str) -> bytes:
+        value = cache.get(chunk)
+        if value is None:
+            ids = [i for tok in _PRETOKEN_PAT.findall(chunk) for i in (_SPECIAL_IDS.get(tok) or bpe.bpe(tok))]
+            value = np.array(ids, dtype=np.int32).tobytes()
+            if len(cache) >= _CHUNK_CACHE_SIZE:
+                cache.clear()
+            cache[chunk] = value
+        return value
+
+    return lookup
+
+
+class HFTokenizer:
+    """open_clip's ``HFTokenizer`` (standard mode): clean, then pad/truncate to the context length."""
+
+    def __init__(self, name_or_folder: str | os.PathLike, context_length: int = DEFAULT_CONTEXT_LENGTH,
+                 clean: str = "whitespace", strip_sep_token: bool = False, language: str | None = None,
+                 tokenizer_mode: str | None = None, cache_dir: str | os.PathLike | None = None) -> None:
+        name = str(name_or_folder)
+        if tokenizer_mode:
+            raise TokenizerError(f"tokenizer_mode={tokenizer_mode!r} is not supported for the tokenizer '{name}'; "
+                                 "only open_clip's standard mode (tokenizer_mode None) is.")
+        if clean not in CLEAN_MODES:
+            raise TokenizerError(f"clean={clean!r} is not a cleaning mode; use one of {', '.join(CLEAN_MODES)}.")
+        self.name = name
+        self.context_length = _check_context_length(context_length)
+        self.clean = clean
+        self.strip_sep_token = bool(strip_sep_token)
+        self.tokenizer = _load_hf_tokenizer(name, cache_dir)
+        self.vocab_size = len(self.tokenizer)
+        if language is not None:
+            set_language = getattr(self.tokenizer, "set_src_lang_special_tokens", None)
+            if not callable(set_language):
+                raise TokenizerError(f"the tokenizer '{name}' has no source-language setting; leave language out.")
+            set_language(language)
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        """Int64 ids [N, context_length] from the Hugging Face tokenizer, padded to the full length."""
+        texts = [clean(text, self.clean) for text in _as_list(texts)]
+        context_length = self.context_length if context_length is None else _check_context_length(context_length)
+        ids = self.tokenizer(texts, return_tensors="pt", max_length=context_length, padding="max_length",
+                             truncation=True).input_ids
+        sep = self.tokenizer.sep_token_id
+        if self.strip_sep_token and sep is not None:  # CLIPA: [SEP] becomes padding
+            ids = torch.where(ids == sep, torch.zeros_like(ids), ids)
+        return ids
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        self.tokenizer.save_pretrained(folder)
+
+    def __repr__(self) -> str:
+        return (f"HFTokenizer({self.name!r}, context_length={self.context_length}, clean={self.clean!r}, "
+                f"strip_sep_token={self.strip_sep_token})")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+
+
+def _load_hf_tokenizer(name: str, cache_dir: str | os.PathLike | None) -> Any:
+    """``AutoTokenizer.from_pretrained``, with missing package/files turned into one-sentence errors."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise TokenizerError(f"the tokenizer '{name}' needs the transformers package; install it with "
+                             "`pip install transformers`.") from None
+    folder = Path(name).expanduser()
+    if _looks_like_path(name) and not folder.is_dir():
+        raise TokenizerError(f"tokenizer folder '{name}' does not exist; pass a folder containing the tokenizer "
+                             "files (tokenizer.json or vocab files).")
+    source = str(folder) if folder.is_dir() else name
+    try:
+        return AutoTokenizer.from_pretrained(source, cache_dir=None if cache_dir is None else str(cache_dir))
+    except (OSError, ValueError, KeyError) as error:
+        if folder.is_dir():
+            raise TokenizerError(f"tokenizer folder '{name}' holds no loadable tokenizer files "
+                                 f"({type(error).__name__}); pass a folder written by save_pretrained.") from None
+        raise TokenizerError(f"the Hugging Face tokenizer '{name}' is not cached and cannot be downloaded; connect "
+                             "to the internet once so it is cached, or pass a folder containing the tokenizer "
+                             "files.") from None
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable stand-in for a kwargs value (dicts and lists become sorted/plain tuples)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+_CLIP_OPTIONS = ("clean", "reduction_mask")
+_HF_OPTIONS = ("clean", "strip_sep_token", "language", "tokenizer_mode")
+
+
+@lru_cache(maxsize=32)
+def _build(hf_name: str | None, context_length: int, options: tuple, cache_dir: str | None) -> Any:
+    kwargs = {key: value for key, value in options}
+    allowed = _HF_OPTIONS if hf_name else _CLIP_OPTIONS
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        which = f"the Hugging Face tokenizer '{hf_name}'" if hf_name else "the CLIP BPE tokenizer"
+        raise TokenizerError(f"tokenizer option '{unknown[0]}' is not supported by {which}; "
+                             f"use only {', '.join(allowed)}.")
+    if hf_name:
+        return HFTokenizer(hf_name, context_length, cache_dir=cache_dir, **kwargs)
+    return CLIPTokenizer(context_length, **kwargs)
+
+
+def get_tokenizer(source: Any = None, context_length: int | None = None,
+                  cache_dir: str | os.PathLike | None = None, **kwargs: Any) -> CLIPTokenizer | HFTokenizer:
+    """The tokenizer open_clip's ``get_tokenizer`` gives for a model, built once and cached.
+
+    ``source``: None (CLIP BPE, 77 tokens), an architecture name or config file, a ``ModelConfig``,
+    or a model (anything with a ``.config`` ModelConfig). ``context_length`` overrides the config's;
+    ``kwargs`` override its ``tokenizer_kwargs`` (``clean``, ``strip_sep_token``, ...).
+    """
+    from clipforge.models import get_model_config
+    from clipforge.models.config import ModelConfig
+
+    if source is None:
+        hf_name, default_length, options = None, DEFAULT_CONTEXT_LENGTH, {}
+    else:
+        if isinstance(source, (str, os.PathLike)):
+            config = get_model_config(source)
+        elif isinstance(source, ModelConfig):
+            config = source
+        elif isinstance(getattr(source, "config", None), ModelConfig):
+            config = source.config
+        else:
+            raise TokenizerError(f"cannot find a tokenizer for a {type(source).__name__}; pass a model name, "
+                                 "a ModelConfig or a clipforge model.")
+        if config.text is None:
+            raise TokenizerError(f"model '{config.name}' has no text tower, so it has no tokenizer; tokenize with "
+                                 "a model that has one.")
+        hf_name, default_length = config.text.hf_tokenizer_name, config.text.context_length
+        options = dict(config.text.tokenizer_kwargs)
+    options.update(kwargs)
+    length = default_length if context_length is None else _check_context_length(context_length)
+    try:
+        key = _freeze(options)
+        hash(key)
+    except TypeError:
+        raise TokenizerError(f"tokenizer options must be plain values, got {options!r}.") from None
+    return _build(hf_name, length, key, None if cache_dir is None else str(cache_dir))
