@@ -163,10 +163,15 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
     rows[6] = "5.png\t   "  # an empty caption
     rows.append("missing.png\ta caption")
     (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
-    summary = train(_config(tmp_path, max_steps=2, **{"data.type": "csv", "data.path": str(tmp_path / "train.tsv"),
-                                                     "global_batch_size": 20}))
-    assert sum(summary["skipped_samples"].values()) >= 1
-    assert summary["steps"] == 2
+    summary = train(_config(tmp_path, epochs=2, **{"data.type": "csv", "data.path": str(tmp_path / "train.tsv"),
+                                                  "global_batch_size": 20}))
+    assert summary["steps"] == 2  # 39 usable rows // 20 = 1 step per epoch: bad rows are dropped, never repeated
+    # Each bad row counted once per epoch, by reason, and named in skipped.tsv.
+    assert summary["skipped_samples"] == {"unreadable_image": 2, "empty_caption": 2, "missing_file": 2}
+    from clipforge.data.skips import read_skipped_tsv
+
+    named = read_skipped_tsv(tmp_path / "run" / "skipped.tsv")
+    assert sorted(reason for _, reason, _ in named) == ["empty_caption", "missing_file", "unreadable_image"]
 
 
 def test_cli_train_then_resume_latest(tmp_path):

@@ -18,13 +18,15 @@ from typing import Any, Callable, Literal
 import torch
 
 from clipforge.checkpoints import hf, open_clip_format
-from clipforge.checkpoints.atomic import atomic_write
+from clipforge.checkpoints.atomic import atomic_write, staged_folder
 from clipforge.checkpoints.download import RELEASED, download_verified
+from clipforge.checkpoints.files import check_hub_id, first_line, read_json_object, shard_files, short
 from clipforge.checkpoints.infer import infer_config, openai_config
 from clipforge.checkpoints.pretrained import fetch_pretrained, get_pretrained, list_pretrained_tags, split_pretrained_name
 from clipforge.checkpoints.resize import resize_position_tables
-from clipforge.checkpoints.weights import NON_WEIGHT_KEYS, load_state_dict_into, read_weights_file, unwrap_state_dict
-from clipforge.errors import CheckpointError, ClipforgeError, DownloadError, UnknownModelError
+from clipforge.checkpoints.weights import (NON_WEIGHT_KEYS, load_state_dict_into, read_folder_weights,
+                                           read_weights_file, unwrap_state_dict)
+from clipforge.errors import CheckpointError, ClipforgeError, ConfigError, DownloadError, UnknownModelError
 from clipforge.models.clip import CLIP
 from clipforge.models.config import ModelConfig, config_from_dict
 from clipforge.models.factory import ALIASES, available_models, resolve_config, with_overrides
@@ -75,6 +77,7 @@ def _from_hub(repo_id: str, cache_dir: str | Path | None) -> Path:
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
+    check_hub_id(repo_id)
     try:
         folder = Path(huggingface_hub.snapshot_download(repo_id, cache_dir=cache_dir,
                                                         allow_patterns=["*.json", "*.txt"]))
@@ -84,7 +87,7 @@ def _from_hub(repo_id: str, cache_dir: str | Path | None) -> Path:
             candidates = ["model.safetensors", "pytorch_model.bin"]
         for name in candidates:
             index = folder / f"{name}.index.json"
-            files = sorted(set(_read_json(index)["weight_map"].values())) if index.is_file() else [name]
+            files = shard_files(index) if index.is_file() else [name]
             try:
                 for file in files:
                     huggingface_hub.hf_hub_download(repo_id, file, cache_dir=cache_dir)
@@ -101,28 +104,33 @@ def _from_hub(repo_id: str, cache_dir: str | Path | None) -> Path:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"'{path}' is not valid JSON ({error}); download or save it again") from None
+    """A JSON object, or one sentence naming the file (files.read_json_object)."""
+    return read_json_object(path)
 
 
 def _read_folder_weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    for name in names:
-        index = folder / (name + ".index.json")
-        if index.is_file():  # sharded Hugging Face weights
-            shards = sorted(set(_read_json(index)["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(unwrap_state_dict(read_weights_file(folder / shard)[0], folder / shard))
-            return state
-        if (folder / name).is_file():
-            return unwrap_state_dict(read_weights_file(folder / name)[0], folder / name)
-    raise CheckpointError(f"folder '{folder}' has none of the weight files {', '.join(names)}")
+    """The first of names in folder, whole or sharded, each shard checked (weights.read_folder_weights)."""
+    return read_folder_weights(folder, names)
+
+
+def _clipforge_config(metadata: dict[str, str], path: Path, name: str) -> ModelConfig:
+    """The model config a clipforge .safetensors stores in its metadata, or one sentence naming the file."""
+    fix = "save it again with clipforge.save, or pass model= to load it as plain weights"
+    text = metadata.get("config")
+    if not isinstance(text, str):
+        raise CheckpointError(f"'{path}' is marked as a clipforge checkpoint but stores no model config; {fix}")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"'{path}' stores a model config that is not valid JSON; {fix}") from None
+    try:
+        return config_from_dict(data, name)
+    except ConfigError as error:
+        raise CheckpointError(f"'{path}' stores an invalid model config ({first_line(error, 110)}); {fix}") from None
 
 
 def _open_clip_folder(path: Path, name: str) -> tuple[ModelConfig, dict]:
-    config = open_clip_format.from_open_clip_config(_read_json(path / open_clip_format.CONFIG_NAME), name)
+    config = open_clip_format.read_open_clip_config(path / open_clip_format.CONFIG_NAME, name)
     state = _read_folder_weights(path, (open_clip_format.SAFE_WEIGHTS_NAME, open_clip_format.WEIGHTS_NAME))
     text = config.text
     if text is not None and text.hf_tokenizer_name and any(
@@ -161,7 +169,7 @@ def _read_source(path: Path, name: str, quick_gelu: bool | None, model: Any = No
     else:
         content, metadata = read_weights_file(path)
         if metadata.get("format") == CLIPFORGE_FORMAT:
-            config = resolve_config(model) if model is not None else config_from_dict(json.loads(metadata["config"]), name)
+            config = resolve_config(model) if model is not None else _clipforge_config(metadata, path, name)
             state = content
         elif isinstance(content, dict) and isinstance(content.get("config"), dict):  # clipforge training checkpoint
             config = resolve_config(model) if model is not None else config_from_dict(content["config"], name)
@@ -253,42 +261,62 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.detach().contiguous().cpu() for key, value in state.items()}
 
 
-def _save_safetensors(state: dict[str, torch.Tensor], target: Path, metadata: dict[str, str] | None = None) -> None:
+def _write_safetensors(state: dict[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    atomic_write(target, lambda tmp: save_file(_tensors(state), str(tmp), metadata=metadata))
+    save_file(_tensors(state), str(file), metadata=metadata)
 
 
-def _save_json(data: dict[str, Any], target: Path) -> None:
-    atomic_write(target, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+def _write_json(data: dict[str, Any], file: Path) -> None:
+    file.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+# What load() reads first in a folder: a config there would shadow weights saved in a later format.
+_FOLDER_PRIORITY = (open_clip_format.CONFIG_NAME, HF_CONFIG_NAME, CLIPFORGE_WEIGHTS_NAME)
+
+
+def _refuse_shadowed(folder: Path, written: str) -> None:
+    """Refuse to save into a folder whose other checkpoint load() would read instead of the new one."""
+    for name in _FOLDER_PRIORITY[:_FOLDER_PRIORITY.index(written)]:
+        if (folder / name).exists():
+            raise CheckpointError(f"folder '{folder}' holds another checkpoint ({name}) that load() would read "
+                                  "instead of the one being saved; save into an empty folder or remove that file")
 
 
 def save(model: CLIP, path: str | Path, format: Format = "clipforge") -> Path:
     """Write model in clipforge (one .safetensors file), open_clip hub or Hugging Face format.
 
-    Returns the file (clipforge with a .safetensors path) or folder written.
+    Returns the file (clipforge with a .safetensors path) or folder written. Every file is written
+    atomically, a folder's files all together; a failure (a full disk) is a ``WriteError`` sentence
+    and leaves what was there before intact.
     """
     path = Path(path)
     config: ModelConfig = model.config
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     if format == "clipforge":
         target = path if path.suffix == ".safetensors" else path / CLIPFORGE_WEIGHTS_NAME
-        _save_safetensors(state, target, {"format": CLIPFORGE_FORMAT, "config": json.dumps(config.to_dict())})
+        if target.parent == path:
+            _refuse_shadowed(path, CLIPFORGE_WEIGHTS_NAME)
+        metadata = {"format": CLIPFORGE_FORMAT, "config": json.dumps(config.to_dict())}
+        atomic_write(target, lambda tmp: _write_safetensors(state, tmp, metadata))
         return target
     if format == "open_clip":
         config_data = open_clip_format.to_open_clip_config(config)  # refuses what open_clip cannot hold
-        _save_safetensors(open_clip_format.to_custom_text_layout(state, config),
-                          path / open_clip_format.SAFE_WEIGHTS_NAME)
-        _save_json(config_data, path / open_clip_format.CONFIG_NAME)
+        weights = open_clip_format.to_custom_text_layout(state, config)
+        with staged_folder(path, replaces=(open_clip_format.SAFE_WEIGHTS_NAME + ".index.json",)) as stage:
+            _write_safetensors(weights, stage / open_clip_format.SAFE_WEIGHTS_NAME)
+            _write_json(config_data, stage / open_clip_format.CONFIG_NAME)
         return path
     if format == "hf":
-        hf_state = hf.openai_to_hf(state, config)
-        _save_safetensors(hf_state, path / "model.safetensors", {"format": "pt"})
-        _save_json(hf.to_hf_config(config), path / HF_CONFIG_NAME)
+        hf_state, hf_config = hf.openai_to_hf(state, config), hf.to_hf_config(config)
         processor = hf.to_hf_preprocessor_config(config)
-        if processor is not None:
-            _save_json(processor, path / "preprocessor_config.json")
-        if config.text is not None:
-            save_hf_tokenizer_files(get_tokenizer(), path, config.text.context_length)
+        _refuse_shadowed(path, HF_CONFIG_NAME)
+        with staged_folder(path, replaces=("model.safetensors.index.json",)) as stage:
+            _write_safetensors(hf_state, stage / "model.safetensors", {"format": "pt"})
+            _write_json(hf_config, stage / HF_CONFIG_NAME)
+            if processor is not None:
+                _write_json(processor, stage / "preprocessor_config.json")
+            if config.text is not None:
+                save_hf_tokenizer_files(get_tokenizer(), stage, config.text.context_length)
         return path
-    raise ValueError(f"unknown format {format!r}; choose 'clipforge', 'open_clip' or 'hf'")
+    raise ConfigError(f"unknown checkpoint format {short(format)}; choose 'clipforge', 'open_clip' or 'hf'")

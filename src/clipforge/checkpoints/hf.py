@@ -11,17 +11,18 @@ text pooling rule (``eos_token_id == 2``: argmax of the ids; otherwise the first
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from clipforge.errors import CheckpointError
-from clipforge.models.config import OPENAI_MEAN, OPENAI_STD, ModelConfig, config_from_dict
+from clipforge.checkpoints.files import (cut, field_error, first_line, optional_object, positive_int,
+                                         positive_number, read_json_object, short)
+from clipforge.checkpoints.hf_preprocess import RESAMPLE, preprocess_from_hf  # noqa: F401 - re-exported
+from clipforge.errors import CheckpointError, ConfigError
+from clipforge.models.config import ModelConfig, config_from_dict
 
 LAYER_NORM_EPS = 1e-5
 CLIP_MODEL, VISION_MODEL, TEXT_MODEL = "CLIPModel", "CLIPVisionModelWithProjection", "CLIPTextModelWithProjection"
@@ -37,7 +38,8 @@ _VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "projection_d
                     "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
                     "hidden_act": "quick_gelu", "layer_norm_eps": LAYER_NORM_EPS}
 _ACTS = {"quick_gelu": (True, "none"), "gelu": (False, "none"), "gelu_pytorch_tanh": (False, "tanh")}
-_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values CLIPImageProcessor stores
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+               "num_attention_heads", "max_position_embeddings", "num_channels")
 # (OpenAI name inside a residual block, Hugging Face name inside an encoder layer)
 _BLOCK_RENAMES = [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_fc.", "mlp.fc1."),
                   ("mlp.c_proj.", "mlp.fc2."), ("attn.out_proj.", "self_attn.out_proj.")]
@@ -108,8 +110,12 @@ def hf_to_openai(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def hf_architecture(data: dict[str, Any], weight_keys: set[str] | None = None, source: str = "config.json") -> str:
     """Which loadable class config.json describes (weights decide when ``architectures`` is absent)."""
     archs = data.get("architectures") or []
-    archs = [archs] if isinstance(archs, str) else list(archs)
+    archs = [archs] if isinstance(archs, str) else archs
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise field_error(source, "architectures", data.get("architectures"), "a list of class names")
     model_type = data.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise field_error(source, "model_type", model_type, "a string")
     arch = next((a for a in archs if a in _MODEL_TYPES), None)
     if arch is None and not archs:  # older configs name only the model type
         if model_type == "clip":
@@ -123,9 +129,9 @@ def hf_architecture(data: dict[str, Any], weight_keys: set[str] | None = None, s
     if arch not in _MODEL_TYPES:
         named = archs[0] if archs else arch
         if named is None:
-            what = f"a Hugging Face model_type {model_type!r}" if model_type else "no Hugging Face model type"
+            what = f"a Hugging Face model_type {short(model_type)}" if model_type else "no Hugging Face model type"
         else:
-            what = f"a Hugging Face {named}" + (f" (model_type {model_type!r})" if model_type else "")
+            what = f"a Hugging Face {cut(named, 40)}" + (f" (model_type {short(model_type)})" if model_type else "")
         if named in ("CLIPVisionModel", "CLIPTextModel"):
             what += " without a projection into the joint embedding space"
         raise CheckpointError(f"{source} describes {what}; {_LOADABLE}")
@@ -137,29 +143,39 @@ def hf_architecture(data: dict[str, Any], weight_keys: set[str] | None = None, s
 
 def _activation(cfg: dict[str, Any], where: str, source: str) -> tuple[bool, str]:
     act = cfg["hidden_act"]
-    if act not in _ACTS:
-        raise CheckpointError(f"{source} sets {where}hidden_act to {act!r}; clipforge's CLIP supports "
+    if not isinstance(act, str) or act not in _ACTS:
+        raise CheckpointError(f"{source} sets {where}hidden_act to {short(act)}; clipforge's CLIP supports "
                               f"{', '.join(repr(a) for a in _ACTS)}")
     return _ACTS[act]
 
 
-def _mlp_ratio(intermediate: int, width: int) -> float:
+def _mlp_ratio(intermediate: int, width: int, source: str = "config.json") -> float:
     """A ratio with ``int(width * ratio) == intermediate`` (clipforge's and open_clip's MLP width rule), checked."""
     for ratio in (intermediate / width, (intermediate + 0.5) / width):
         if int(width * ratio) == intermediate:
             return ratio
-    raise CheckpointError(f"intermediate_size {intermediate} cannot be expressed as a ratio of width {width}")
+    raise CheckpointError(f"{source}: intermediate_size {intermediate} cannot be expressed as a ratio of width "
+                          f"{width}")
 
 
 def _square(value: Any, field: str, source: str) -> Any:
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise CheckpointError(f"{source} sets {field} to {list(value)}; clipforge's ViT takes square values only")
-        return value[0]
-    return value
+            raise CheckpointError(f"{source} sets {field} to {short(value)}; clipforge's ViT takes square values only")
+        value = value[0]
+    return positive_int(value, field, source)
+
+
+def _check_tower(cfg: dict[str, Any], where: str, source: str) -> None:
+    """Every field the tower translation reads has the JSON type transformers expects."""
+    for key in _INT_FIELDS:
+        if key in cfg:
+            positive_int(cfg[key], where + key, source)
+    positive_number(cfg["layer_norm_eps"], where + "layer_norm_eps", source)
 
 
 def _text_section(cfg: dict[str, Any], where: str, source: str) -> tuple[dict[str, Any], bool]:
+    _check_tower(cfg, where, source)
     quick, approx = _activation(cfg, where, source)
     eos = cfg["eos_token_id"]
     if isinstance(eos, bool) or not isinstance(eos, int):
@@ -168,35 +184,41 @@ def _text_section(cfg: dict[str, Any], where: str, source: str) -> tuple[dict[st
     pool = {"pool_type": "argmax"} if eos == 2 else {"pool_type": "eos", "eos_id": eos}  # transformers' rule
     return {"context_length": cfg["max_position_embeddings"], "vocab_size": cfg["vocab_size"],
             "width": cfg["hidden_size"], "layers": cfg["num_hidden_layers"], "heads": cfg["num_attention_heads"],
-            "mlp_ratio": _mlp_ratio(cfg["intermediate_size"], cfg["hidden_size"]), "norm_eps": cfg["layer_norm_eps"],
-            "gelu_approximate": approx, **pool}, quick
+            "mlp_ratio": _mlp_ratio(cfg["intermediate_size"], cfg["hidden_size"], source),
+            "norm_eps": cfg["layer_norm_eps"], "gelu_approximate": approx, **pool}, quick
 
 
 def _vision_section(cfg: dict[str, Any], where: str, source: str) -> tuple[dict[str, Any], bool]:
+    _check_tower(cfg, where, source)
     quick, approx = _activation(cfg, where, source)
     if cfg["num_channels"] != 3:
         raise CheckpointError(f"{source} sets {where}num_channels to {cfg['num_channels']}; CLIP takes RGB (3)")
     return {"type": "vit", "image_size": _square(cfg["image_size"], where + "image_size", source),
             "patch_size": _square(cfg["patch_size"], where + "patch_size", source), "width": cfg["hidden_size"],
             "layers": cfg["num_hidden_layers"], "heads": cfg["num_attention_heads"],
-            "mlp_ratio": _mlp_ratio(cfg["intermediate_size"], cfg["hidden_size"]), "norm_eps": cfg["layer_norm_eps"],
-            "gelu_approximate": approx}, quick
+            "mlp_ratio": _mlp_ratio(cfg["intermediate_size"], cfg["hidden_size"], source),
+            "norm_eps": cfg["layer_norm_eps"], "gelu_approximate": approx}, quick
 
 
-def _sub_config(data: dict[str, Any], key: str, defaults: dict[str, Any]) -> dict[str, Any]:
+def _sub_config(data: dict[str, Any], key: str, defaults: dict[str, Any], source: str = "config.json"
+                ) -> dict[str, Any]:
     """A CLIPModel tower config as transformers builds it: a legacy ``*_config_dict`` replaces ``*_config``."""
     legacy = data.get(f"{key}_dict")
-    return {**defaults, **(legacy if isinstance(legacy, dict) else data.get(key) or {})}
+    return {**defaults, **(legacy if isinstance(legacy, dict) else optional_object(data.get(key), key, source))}
 
 
 def from_hf_config(data: dict[str, Any], name: str, processor: dict[str, Any] | None = None, *,
-                   architecture: str | None = None, source: str = "config.json") -> ModelConfig:
+                   architecture: str | None = None, source: str = "config.json",
+                   processor_source: str = "preprocessor_config.json") -> ModelConfig:
     """A ModelConfig from config.json (+ preprocessor_config.json), transformers' defaults filling gaps."""
     arch = architecture or hf_architecture(data, source=source)
+    if "projection_dim" in data:
+        positive_int(data["projection_dim"], "projection_dim", source)
     vision = text = None
     if arch == CLIP_MODEL:
-        text, text_quick = _text_section(_sub_config(data, "text_config", _TEXT_DEFAULTS), "text_config.", source)
-        vision, vision_quick = _vision_section(_sub_config(data, "vision_config", _VISION_DEFAULTS),
+        text, text_quick = _text_section(_sub_config(data, "text_config", _TEXT_DEFAULTS, source), "text_config.",
+                                         source)
+        vision, vision_quick = _vision_section(_sub_config(data, "vision_config", _VISION_DEFAULTS, source),
                                                "vision_config.", source)
         if text_quick != vision_quick:
             quick_tower = "text" if text_quick else "vision"
@@ -209,87 +231,35 @@ def from_hf_config(data: dict[str, Any], name: str, processor: dict[str, Any] | 
     else:
         text, quick = _text_section({**_TEXT_DEFAULTS, **data}, "", source)
         embed_dim = data.get("projection_dim", _TEXT_DEFAULTS["projection_dim"])
-    preprocess = preprocess_from_hf(processor, vision["image_size"]) if processor and vision else None
-    return config_from_dict({"embed_dim": embed_dim, "quick_gelu": quick, "vision": vision, "text": text,
-                             "preprocess": preprocess}, name)
-
-
-def _edge(value: Any) -> dict[str, Any]:
-    return {"shortest_edge": value} if isinstance(value, int) else dict(value or {})  # legacy configs store ints
-
-
-def preprocess_from_hf(processor: dict[str, Any], image_size: int, source: str = "preprocessor_config.json"
-                       ) -> dict[str, Any]:
-    """PreprocessConfig fields for a CLIPImageProcessor config; the transform always makes image_size images."""
-    resample = processor.get("resample", 3)
-    if resample not in _RESAMPLE:
-        raise CheckpointError(f"{source} sets resample to {resample!r}; clipforge resizes with bilinear (2) or "
-                              "bicubic (3) only")
-    rescale = processor.get("rescale_factor", 1 / 255)
-    if not processor.get("do_resize", True) or not processor.get("do_rescale", True) or \
-            abs(rescale * 255 - 1) > 1e-9:
-        raise CheckpointError(f"{source} turns off resizing or rescales pixels by {rescale} instead of 1/255; "
-                              "clipforge's transform cannot reproduce it")
-    size, crop = _edge(processor.get("size", 224)), processor.get("crop_size", 224)
-    crop = {"height": crop, "width": crop} if isinstance(crop, int) else dict(crop or {})
-    crop_side = crop.get("height") if crop.get("height") == crop.get("width") else f"{crop}"
-    center_crop = processor.get("do_center_crop", True)
-    if set(size) == {"shortest_edge"}:
-        mode, resized = "shortest", size["shortest_edge"]
-    elif set(size) == {"height", "width"} and size["height"] == size["width"]:
-        mode, resized = "squash", size["height"]
-        crop_side = crop_side if center_crop else resized
-    else:
-        raise CheckpointError(f"{source} sets size to {size}; clipforge supports {{'shortest_edge': N}} and square "
-                              "{'height': N, 'width': N} only")
-    if resized != image_size or crop_side != image_size or (mode == "shortest" and not center_crop):
-        warnings.warn(f"{source} resizes to {resized} and crops to {crop_side if center_crop else 'nothing'}, but "
-                      f"the model takes {image_size}x{image_size} images; clipforge's transform resizes and crops "
-                      f"to {image_size}", stacklevel=3)
-    if not processor.get("do_normalize", True):
-        return {"interpolation": _RESAMPLE[resample], "resize_mode": mode, "mean": [0.0] * 3, "std": [1.0] * 3}
-    return {"interpolation": _RESAMPLE[resample], "resize_mode": mode,
-            "mean": processor.get("image_mean", list(OPENAI_MEAN)), "std": processor.get("image_std", list(OPENAI_STD))}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
+    preprocess = preprocess_from_hf(processor, vision["image_size"], processor_source) if processor and vision else None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"'{path}' is not valid JSON ({error}); download or save it again") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"'{path}' holds a JSON {type(data).__name__}, not an object; download or save it again")
-    return data
+        return config_from_dict({"embed_dim": embed_dim, "quick_gelu": quick, "vision": vision, "text": text,
+                                 "preprocess": preprocess}, name)
+    except ConfigError as error:  # it names clipforge's field; say which file holds the value
+        raise CheckpointError(f"{source} does not describe a CLIP model clipforge can build ({first_line(error)}); "
+                              "fix the file or download it again") from None
 
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, else pytorch_model.bin, either possibly sharded (``*.index.json``)."""
-    from clipforge.checkpoints.weights import read_weights_file, unwrap_state_dict
+    """model.safetensors, else pytorch_model.bin, either possibly sharded (``*.index.json``, each shard checked)."""
+    from clipforge.checkpoints.weights import read_folder_weights
 
-    for name in _WEIGHT_NAMES:
-        index = folder / f"{name}.index.json"
-        if not index.is_file() and not (folder / name).is_file():
-            continue
-        files = sorted(set(_read_json(index).get("weight_map", {}).values())) if index.is_file() else [name]
-        state: dict[str, torch.Tensor] = {}
-        for file in files:  # read_weights_file names a missing or corrupt shard
-            state.update(unwrap_state_dict(read_weights_file(folder / file)[0], folder / file))
-        return state
-    raise CheckpointError(f"folder '{folder}' has none of the weight files {', '.join(_WEIGHT_NAMES)}")
+    return read_folder_weights(Path(folder), _WEIGHT_NAMES)
 
 
 def read_hf_folder(folder: Path, name: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(clipforge config, OpenAI-layout state dict) of a Hugging Face CLIP folder, ready for load_state_dict_into."""
     folder = Path(folder)
     source = str(folder / "config.json")
-    data = _read_json(folder / "config.json")
+    data = read_json_object(folder / "config.json")
     undecided = not data.get("architectures") and data.get("model_type") in ("clip_vision_model", "clip_text_model")
     arch = None if undecided else hf_architecture(data, source=source)  # refuse before reading any weights
     weights = read_hf_weights(folder)
     arch = arch or hf_architecture(data, set(weights), source)
     processor_path = folder / "preprocessor_config.json"
-    processor = _read_json(processor_path) if processor_path.is_file() and arch != TEXT_MODEL else None
-    config = from_hf_config(data, name, processor, architecture=arch, source=source)
+    processor = read_json_object(processor_path) if processor_path.is_file() and arch != TEXT_MODEL else None
+    config = from_hf_config(data, name, processor, architecture=arch, source=source,
+                            processor_source=str(processor_path))
     state = hf_to_openai(weights)
     if arch != CLIP_MODEL:  # one tower: no temperature stored, CLIP's initial one
         state.setdefault("logit_scale", torch.tensor(math.log(1 / 0.07), dtype=torch.float32))
@@ -407,6 +377,6 @@ def to_hf_preprocessor_config(config: ModelConfig) -> dict[str, Any] | None:
     resize = {"size": {"shortest_edge": size}, "do_center_crop": True} if pre.resize_mode == "shortest" else \
         {"size": {"height": size, "width": size}, "do_center_crop": False}
     return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, **resize,
-            "resample": {v: k for k, v in _RESAMPLE.items()}[pre.interpolation],
+            "resample": {v: k for k, v in RESAMPLE.items()}[pre.interpolation],
             "crop_size": {"height": size, "width": size}, "do_rescale": True, "rescale_factor": 1 / 255,
             "do_normalize": True, "image_mean": list(pre.mean), "image_std": list(pre.std), "do_convert_rgb": True}

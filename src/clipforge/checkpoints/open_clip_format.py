@@ -6,8 +6,12 @@ file names and the key layout of open_clip's CustomTextCLIP (text tower under ``
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from clipforge.checkpoints.files import cut, read_json_object
+from clipforge.errors import CheckpointError, ConfigError
 from clipforge.models.config import ModelConfig
 from clipforge.models.open_clip_config import (  # noqa: F401 - re-exported for the checkpoint code
     from_open_clip_config,
@@ -20,6 +24,15 @@ CONFIG_NAME = "open_clip_config.json"
 SAFE_WEIGHTS_NAME = "open_clip_model.safetensors"
 WEIGHTS_NAME = "open_clip_pytorch_model.bin"
 TEXT_PREFIX = "text."  # CustomTextCLIP keeps its text tower under this prefix
+
+
+def read_open_clip_config(path: Path, name: str) -> ModelConfig:
+    """The ModelConfig of an ``open_clip_config.json``; any problem is one sentence naming the file and field."""
+    data = read_json_object(path)
+    try:
+        return from_open_clip_config(data, name)
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {cut(str(error), max(120, 295 - len(str(path))))}") from None
 
 
 def from_custom_text_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

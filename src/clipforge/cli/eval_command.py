@@ -11,12 +11,15 @@ EXAMPLES = """examples:
   clipforge eval --model hf-hub:ORG/REPO --linear-probe cifar10=data/cifar10 --output results/
   clipforge eval --model my.safetensors --zero-shot imagefolder=photos,classnames=names.txt,templates=prompts.txt
 
-Each NAME=PATH takes options after commas: split=, classnames=, templates=, max_samples=, image_root=.
+Each NAME=PATH takes options after commas: split=, classnames=, templates=, max_samples=, image_root=,
+train_split= (linear probe), image_column= and label_column= (csv classification).
 NAME is a format: cifar10, cifar100, mnist, fashion-mnist, imagefolder, csv (classification);
 flickr8k, flickr30k, coco, csv (retrieval: Karpathy JSON, image/caption/split TSV or Flickr token file)."""
 
 
 def add_eval_parser(sub: argparse._SubParsersAction, gelu_help: str) -> None:
+    from clipforge.cli.main import add_threads_option, non_negative_int, positive_int
+
     parser = sub.add_parser("eval", help="zero-shot, linear-probe and retrieval evaluation",
                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint path, released name or hf-hub:ORG/REPO")
@@ -27,9 +30,10 @@ def add_eval_parser(sub: argparse._SubParsersAction, gelu_help: str) -> None:
     parser.add_argument("--retrieval", action="append", default=[], metavar="NAME=PATH[,opt=value]",
                         help="image<->text Recall@1/5/10 (repeatable)")
     parser.add_argument("--output", default="eval_results", help="folder for the JSON results and summary.md")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=2, help="data-loading processes")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes (0: none)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    add_threads_option(parser)
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--feature-cache", default=None,
                         help="folder for cached image features (default: OUTPUT/feature_cache; 'none' disables)")
@@ -43,8 +47,12 @@ def add_eval_parser(sub: argparse._SubParsersAction, gelu_help: str) -> None:
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
-    from clipforge.checkpoints import load
+    """Check every spec and option first (no model is loaded for a typo), then run and write the results."""
+    from clipforge.cli.convert_command import load_image_model
+    from clipforge.cli.devices import resolve_device
+    from clipforge.cli.main import apply_threads
     from clipforge.errors import ClipforgeError
+    from clipforge.evaluation.retrieval_data import short
     from clipforge.evaluation.runner import EvalSpec, run_evals
 
     specs = [EvalSpec.parse(task, text) for task, texts in (("zero_shot", args.zero_shot),
@@ -52,11 +60,14 @@ def run_eval_command(args: argparse.Namespace) -> int:
                                                            ("retrieval", args.retrieval)) for text in texts]
     if not specs:
         raise ClipforgeError("nothing to evaluate; pass --zero-shot, --linear-probe or --retrieval NAME=PATH")
-    if args.batch_size <= 0 or args.workers < 0:
-        raise ClipforgeError("--batch-size must be positive and --workers >= 0")
-    model, preprocess = load(args.model, device=args.device, quick_gelu=args.quick_gelu, model=args.model_config,
-                             pretrained=args.pretrained, image_size=args.image_size)
+    for spec in specs:
+        spec.check_paths()
     output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise ClipforgeError(f"--output '{short(args.output)}' is a file; name a folder for the results")
+    device = resolve_device(args.device)
+    apply_threads(args)
+    model, preprocess = load_image_model(args, device, "be evaluated on images")
     cache = None if args.feature_cache == "none" else Path(args.feature_cache or output / "feature_cache")
     run_evals(specs, model, preprocess, model_name=str(args.model), output_dir=output, batch_size=args.batch_size,
               num_workers=args.workers, precision=args.precision, cache_dir=cache, progress=not args.no_progress,

@@ -6,9 +6,9 @@ Errors a user can cause print one sentence and exit with status 2; ``--debug`` s
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
-from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from clipforge.errors import ClipforgeError
 
@@ -21,59 +21,49 @@ def _print_table(header: Sequence[str], rows: list[Sequence[str]]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
 
 
-def _labels(args: argparse.Namespace) -> list[str]:
-    labels = [label.strip() for label in (args.labels or "").split(",") if label.strip()]
-    if args.labels_file:
-        path = Path(args.labels_file)
-        if not path.is_file():
-            raise ClipforgeError(f"labels file '{path}' does not exist; check the path")
-        labels += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not labels:
-        raise ClipforgeError("no labels given; pass --labels 'a dog,a cat' or --labels-file FILE")
-    return labels
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be at least 1 (--top, --batch-size, --threads)."""
+    return _int_at_least(text, 1, "a positive whole number")
 
 
-def _templates(spec: str) -> list[str]:
-    from clipforge.evaluation import get_templates
-
-    if spec == "none":
-        return ["{}"]
-    path = Path(spec)
-    if path.is_file():
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return get_templates(spec)
+def non_negative_int(text: str) -> int:
+    """argparse type for counts that may be 0 (--workers)."""
+    return _int_at_least(text, 0, "a whole number, 0 or more")
 
 
-def _cmd_classify(args: argparse.Namespace) -> int:
-    import torch
+def _int_at_least(text: str, low: int, what: str) -> int:
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {shown!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+    return value
 
-    from clipforge.checkpoints import load
-    from clipforge.evaluation import build_zero_shot_classifier
-    from clipforge.transforms import load_image
 
-    labels = _labels(args)
-    model, preprocess = load(args.model, device=args.device, quick_gelu=args.quick_gelu, model=args.model_config,
-                             pretrained=args.pretrained, image_size=args.image_size)
-    classifier = build_zero_shot_classifier(model, labels, _templates(args.templates))
-    failures = 0
-    for image_path in args.images:
-        try:
-            image = preprocess(load_image(image_path)).unsqueeze(0).to(args.device)
-        except ClipforgeError as error:
-            print(f"skipped: {error}", file=sys.stderr)
-            failures += 1
-            continue
-        with torch.no_grad():
-            features = model.encode_image(image, normalize=True).float()
-            probs = (model.logit_scale_value().float() * features @ classifier).softmax(dim=-1)[0]
-        top = probs.topk(min(args.top, len(labels)))
-        print(f"\n{image_path}")
-        _print_table(("rank", "label", "prob"), [
-            (str(rank + 1), labels[i], f"{p:.4f}") for rank, (p, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()))
-        ])
-    if failures:
-        print(f"\n{failures} of {len(args.images)} images could not be read", file=sys.stderr)
-    return 1 if failures else 0
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads torch uses (default: torch's choice, usually one per core)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """torch.set_num_threads for --threads, so a shared machine can be asked for fewer cores."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``clipforge: error: ...``) and exit status 2, like every other
+    user error; the full usage stays one ``--help`` away."""
+
+    def error(self, message: str) -> NoReturn:
+        text = " ".join(message.split())
+        if len(text) > 300:
+            text = text[:297] + "..."
+        self.exit(2, f"clipforge: error: {text}; see {self.prog} --help\n")
 
 
 def _overrides(extra: list[str]) -> dict[str, str]:
@@ -82,11 +72,14 @@ def _overrides(extra: list[str]) -> dict[str, str]:
     index = 0
     while index < len(extra):
         token = extra[index]
-        if not token.startswith("--"):
-            raise ClipforgeError(f"unexpected argument '{token}'; training options are written --name value")
-        key, _, value = token[2:].partition("=")
+        if not token.startswith("--") or token == "--":
+            raise ClipforgeError(f"unexpected argument '{token[:60]}'; training options are written --name value "
+                                 "(clipforge train --help lists them)")
+        key, equals, value = token[2:].partition("=")
         key = key.replace("-", "_")
-        if not value:
+        if not key:
+            raise ClipforgeError(f"argument '{token[:60]}' has no option name; write --name value")
+        if not equals:
             if index + 1 < len(extra) and not extra[index + 1].startswith("--"):
                 value, index = extra[index + 1], index + 1
             else:
@@ -97,11 +90,14 @@ def _overrides(extra: list[str]) -> dict[str, str]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    """Exit status: 0 finished (or already finished), 130 / 143 stopped by SIGINT / SIGTERM after a checkpoint."""
     from clipforge.training import load_train_config, train
 
     config = load_train_config(args.config, _overrides(args.overrides))
-    train(config)
-    return 0
+    return int(train(config).get("exit_status") or 0)
+
+
+MAX_IMAGE_SIZE = 1024  # beyond this, resized position tables and attention exhaust memory before any output
 
 
 def _quick_gelu(value: str) -> bool | None:
@@ -109,8 +105,11 @@ def _quick_gelu(value: str) -> bool | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipforge", description="CLIP models: classify, convert, list.")
+    from clipforge import __version__
+
+    parser = _OneLineParser(prog="clipforge", description="CLIP models: classify, convert, list.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"clipforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from clipforge.cli.models_command import add_models_parser
@@ -119,28 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     gelu_help = ("activation for plain state dicts, which do not record it (and an override elsewhere): "
                  "auto (from the checkpoint or --model-config), yes (QuickGELU), no (GELU)")
-    classify = sub.add_parser("classify", help="zero-shot classify images with prompt-ensembled labels")
-    classify.add_argument("images", nargs="+", help="image files")
-    classify.add_argument("--labels", help="comma-separated class names, e.g. 'dog,cat,bird'")
-    classify.add_argument("--labels-file", help="a file with one class name per line")
-    classify.add_argument("--model", required=True,
-                          help="checkpoint path, released name (ViT-B-32), ARCH/TAG (ViT-B-32/laion2b_s34b_b79k) or hf-hub:ORG/REPO")
-    classify.add_argument("--templates", default="imagenet",
-                          help="prompt set: imagenet (80 prompts, default), simple (7), none, or a file of templates with {}")
-    classify.add_argument("--top", type=int, default=5, help="how many labels to show per image")
-    classify.add_argument("--device", default="cpu")
-    classify.add_argument("--quick-gelu", choices=("auto", "yes", "no"), default="auto", help=gelu_help)
-    classify.set_defaults(run=_cmd_classify)
+    from clipforge.cli.classify_command import add_classify_parser
+    from clipforge.cli.convert_command import add_convert_parser
 
-    from clipforge.cli.convert_command import add_architecture_options, add_convert_parser
-
-    add_architecture_options(classify)
+    add_classify_parser(sub, gelu_help)
     add_convert_parser(sub, gelu_help)
+
+    from clipforge.training.config_help import training_options_help
 
     train = sub.add_parser("train", help="contrastive pre-training or fine-tuning (torchrun for many processes)",
                            description="Options come from --config (TOML or JSON) and are overridden by --name value "
-                                       "pairs, e.g. --lr 1e-3 --data.path train.csv --grad-checkpointing. See "
-                                       "clipforge.training.config.TrainConfig for every field.")
+                                       "pairs, e.g. --lr 1e-3 --data.path train.csv --grad-checkpointing. Rerunning "
+                                       "the same command resumes; Ctrl-C or SIGTERM saves a checkpoint first.",
+                           epilog=training_options_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", help="TOML or JSON training config")
     train.set_defaults(run=_cmd_train)
 
@@ -159,14 +149,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         from clipforge.data.make_shards import main as make_shards_main
 
         return _guarded(lambda: make_shards_main(argv[1:]), debug="--debug" in argv)
-    args, extra = build_parser().parse_known_args(argv)
-    if args.command == "train":
-        args.overrides = extra
-    elif extra:
-        build_parser().parse_args(argv)  # let argparse report the unknown arguments
+    try:  # usage errors, --help and --version end in SystemExit; callers of main() get its status instead
+        args, extra = build_parser().parse_known_args(argv)
+        if args.command == "train":
+            args.overrides = extra
+        elif extra:
+            build_parser().parse_args(argv)  # let argparse report the unknown arguments
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 2
     if hasattr(args, "quick_gelu"):
         args.quick_gelu = _quick_gelu(args.quick_gelu)
-    return _guarded(lambda: args.run(args), debug=args.debug)
+    return _guarded(lambda: _run(args), debug=args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Check the options several commands share (convert_command.add_architecture_options), then run."""
+    size = getattr(args, "image_size", None)
+    if size is not None and not 1 <= size <= MAX_IMAGE_SIZE:
+        raise ClipforgeError(f"--image-size must be 1 to {MAX_IMAGE_SIZE} pixels (CLIP models run at 224 to 448), "
+                             f"got {size}")
+    if getattr(args, "model", None) == "" or getattr(args, "source", None) == "":
+        raise ClipforgeError("the model is an empty string; pass a checkpoint path, a released name such as "
+                             "ViT-B-32, ARCH/TAG or hf-hub:ORG/REPO")
+    return args.run(args)
+
+
+# OS errors about a path the user named (too long, no permission, disk full...): their input, not a bug.
+_USER_ERRNOS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.ENOENT,
+                errno.ENOTDIR, errno.EISDIR, errno.ELOOP, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _one_line(message: str, longest: int = 120) -> str:
+    """The message on one line, each over-long word (a quoted path or value) cut, so it stays readable."""
+    def cut(word: str) -> str:
+        if len(word) <= longest:
+            return word
+        tail = word[len(word.rstrip("'\",;:.)")):][-3:]  # keep a closing quote and punctuation
+        return word[:longest - 3 - len(tail)] + "..." + tail
+
+    return " ".join(cut(word) for word in str(message).split())
 
 
 def _guarded(run, debug: bool) -> int:
@@ -176,7 +197,13 @@ def _guarded(run, debug: bool) -> int:
     except ClipforgeError as error:
         if debug:
             raise
-        print(f"clipforge: error: {error}", file=sys.stderr)
+        print(f"clipforge: error: {_one_line(str(error))}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if debug or error.errno not in _USER_ERRNOS or error.filename is None:
+            raise
+        print(f"clipforge: error: {_one_line(f'{error.strerror}: {error.filename!r}')}; check the path "
+              "(--debug shows where it was used)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("clipforge: interrupted", file=sys.stderr)

@@ -2,10 +2,12 @@
 
     data = build_train_data(DataConfig.from_dict({"type": "csv", "path": "train.csv"}), image_size=224,
                             context_length=77, global_batch_size=256, rank=rank, world_size=world_size)
+    ledger = SkipLedger()
     for batch in data.batches(epoch, start_step):  # this rank's [b, 3, S, S] images and [b, L] token ids
-        ...  # batch.skipped: bad samples met while building this batch, by reason
+        ledger.add(gather_records(batch.skips))  # bad samples, each counted once per epoch, by reason
 
-``webdataset`` is imported only when a webdataset source is built.
+Bad samples are dropped, never replaced by another row; the reason names (``MISSING_FILE``, ...) are
+shared with ``make-shards`` and evaluation. ``webdataset`` is imported only when a webdataset source is built.
 """
 
 from clipforge.data.csv_dataset import BadSample, CsvSource
@@ -18,20 +20,56 @@ from clipforge.data.loader import (
     TrainData,
     build_train_data,
 )
+from clipforge.data.skips import (
+    BAD_UTF8,
+    CORRUPT_SHARD,
+    EMPTY_CAPTION,
+    MALFORMED_ROW,
+    MISSING_CAPTION,
+    MISSING_FILE,
+    MISSING_IMAGE,
+    MISSING_SHARD,
+    REASONS,
+    UNREADABLE_IMAGE,
+    SkipLedger,
+    SkipRecord,
+    count_reasons,
+    format_counts,
+    gather_records,
+    read_skipped_tsv,
+    write_skipped_tsv,
+)
 from clipforge.data.synthetic import EVAL_OFFSET, SyntheticCaptions, eval_pairs, synthetic_pair
 
 __all__ = [
+    "BAD_UTF8",
+    "CORRUPT_SHARD",
+    "EMPTY_CAPTION",
     "EVAL_OFFSET",
+    "MALFORMED_ROW",
     "MAX_CONSECUTIVE_BAD",
+    "MISSING_CAPTION",
+    "MISSING_FILE",
+    "MISSING_IMAGE",
+    "MISSING_SHARD",
+    "REASONS",
     "TYPES",
+    "UNREADABLE_IMAGE",
     "BadSample",
     "Batch",
     "CsvSource",
     "DataConfig",
     "MapTrainData",
+    "SkipLedger",
+    "SkipRecord",
     "SyntheticCaptions",
     "TrainData",
     "build_train_data",
+    "count_reasons",
     "eval_pairs",
+    "format_counts",
+    "gather_records",
+    "read_skipped_tsv",
     "synthetic_pair",
+    "write_skipped_tsv",
 ]

@@ -5,6 +5,23 @@ same pixels whatever the number of ranks or workers, because the order comes fro
 seeded by ``seed + epoch`` and each random crop from ``(seed, epoch, position in the epoch)``. So a
 resumed or re-sharded run is bit-identical to an uninterrupted one. WebDataset shards stream
 instead (``webdataset_source.py``).
+
+Bad samples are dropped, never replaced. Rows known bad from the table alone (empty or non-UTF-8
+caption, no such image file) are left out before the order is drawn, so they take no slot. An image
+that is there but does not decode is only found in the worker: its slot is dropped and that batch is
+one smaller. Refilling it with another row (as this module once did, with the next row) repeats that
+row in the epoch, often in the same batch, where it is a false negative for the contrastive loss;
+refilling from rows no other step uses would need the workers to agree on who takes which spare, so
+the batch content would depend on timing and resume would no longer be exact. Smaller is exact.
+The loss gathers equal-sized batches from every rank (``training.loss.gather_with_grad``) and
+averages per-rank means, so under ``torch.distributed`` each step's batch is cut to the smallest
+rank's size (one ``all_reduce(MIN)`` per step, in ``batches``; ``Batch.unused`` counts the good
+samples cut). A step whose samples are all bad yields an empty batch: the loop skips it.
+
+Each bad row is reported once per epoch as a ``SkipRecord`` in ``Batch.skips`` (``Batch.skipped``
+holds their counts): rows known bad ride in rank 0's batch of step 0, a decode failure in the batch
+whose slot it had, and the last step also decodes the < G rows that drop_last leaves out, so every
+bad row is named every epoch. ``skips.SkipLedger`` counts them across epochs, ranks and resumes.
 """
 
 from __future__ import annotations
@@ -12,13 +29,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from clipforge.data.csv_dataset import BadSample, CsvSource
+from clipforge.data.skips import UNREADABLE_IMAGE, SkipRecord, count_reasons, format_counts
 from clipforge.data.synthetic import EVAL_OFFSET, SyntheticCaptions
 from clipforge.errors import ClipforgeError, ConfigError
 from clipforge.tokenizer import tokenize
@@ -26,7 +44,7 @@ from clipforge.transforms import ImageTransform, image_transform
 
 TYPES = ("csv", "webdataset", "synthetic")
 DEFAULT_SYNTHETIC_SAMPLES = 10_000
-MAX_CONSECUTIVE_BAD = 1000  # more bad samples in a row than this means the data, not a file, is broken
+MAX_CONSECUTIVE_BAD = 1000  # about this many samples in a row that do not decode: the data, not a file, is broken
 _SEPARATOR_ALIASES = {"\\t": "\t", "tab": "\t", "comma": ",", "space": " "}
 
 
@@ -107,9 +125,14 @@ class DataConfig:
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # [b, 3, S, S] float32
+    images: torch.Tensor  # [b, 3, S, S] float32; b < the local batch size when samples were dropped
     texts: torch.Tensor  # [b, context_length] token ids
-    skipped: dict[str, int] = field(default_factory=dict)  # reason -> bad samples met building THIS batch
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count of ``skips``
+    skips: list[SkipRecord] = field(default_factory=list)  # bad samples this batch reports (see module doc)
+    unused: int = 0  # good samples cut so that every rank's batch has the same size
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
 
 
 class TrainData:
@@ -123,10 +146,16 @@ class TrainData:
 
 
 class MapSource(Protocol):
+    problems: dict[int, str]  # row -> reason, for rows known bad without decoding
+
     def __len__(self) -> int: ...
 
     def load(self, index: int) -> tuple[Image.Image, str]:
         """The image and caption of row ``index``; raises ``BadSample(reason)`` for a bad row."""
+        ...
+
+    def name(self, index: int) -> tuple[str, str]:
+        """(source, detail): how row ``index`` is named in skip records."""
         ...
 
 
@@ -151,19 +180,27 @@ def add_counts(into: dict[str, int], counts: dict[str, int]) -> dict[str, int]:
     return into
 
 
-@dataclass
-class _Failure:
-    """Returned (not raised) by a worker, so the error reaches the user as one sentence."""
-
-    message: str
-
-
 def _identity(item: Any) -> Any:  # module level so DataLoader workers can pickle it
     return item
 
 
+def min_across_ranks(size: int) -> int:
+    """The smallest ``size`` over all ranks (``all_reduce(MIN)``); ``size`` itself without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return size
+    nccl = dist.get_backend() == "nccl"
+    value = torch.tensor([size], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value.item())
+
+
+_Item = tuple[int, int, int, bool]  # (epoch, position in the epoch, row, train on it: False = only check it)
+
+
 class _MapDataset(Dataset):
-    """Builds whole batches (``__getitems__``) and swaps each bad sample for the next good one."""
+    """Builds whole batches (``__getitems__``); a sample that fails to decode is dropped and recorded."""
 
     def __init__(self, source: MapSource, image_size: int, context_length: int, seed: int,
                  resize_ratio: float = 1.0) -> None:
@@ -175,62 +212,63 @@ class _MapDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def _good_sample(self, epoch: int, position: int, index: int, skipped: dict[str, int]) -> tuple[torch.Tensor, str]:
-        n = len(self.source)
-        limit = min(MAX_CONSECUTIVE_BAD, n)
-        last = ""
-        for attempt in range(limit):
-            row = (index + attempt) % n
+    def __getitems__(self, items: list[_Item]) -> Batch:
+        size = self.transform.image_size
+        images = torch.empty(sum(i[3] for i in items), 3, size, size)  # filled in place: no torch.stack copy
+        captions: list[str] = []
+        skips: list[SkipRecord] = []
+        for epoch, position, row, train in items:
             try:
                 image, caption = self.source.load(row)
-                # The crop belongs to the slot (position), not the row: a replacement row gets a fresh crop.
-                return crop_with_seed(self.transform, image, sample_seed(self.seed, epoch, position)), caption
+                # The crop belongs to the position, so a resumed run draws the same pixels.
+                pixels = crop_with_seed(self.transform, image, sample_seed(self.seed, epoch, position))
             except BadSample as bad:
-                reason, last = bad.reason, str(bad)
-            except Exception as error:  # noqa: BLE001 (any decoder failure is a bad image, never a dead run)
-                reason, last = "unreadable_image", f"row {row}: {type(error).__name__}: {error}"
-            skipped[reason] = skipped.get(reason, 0) + 1
-        raise ClipforgeError(f"the training data is unusable: {limit} samples in a row from row {index} are bad "
-                             f"(last: {last}); check data.path, the columns and the image files")
+                reason = bad.reason
+            except Exception:  # noqa: BLE001 (any decoder or transform failure is a bad image, never a dead run)
+                reason = UNREADABLE_IMAGE
+            else:
+                if train:
+                    images[len(captions)] = pixels
+                    captions.append(caption)
+                continue
+            source, detail = self.source.name(row)
+            skips.append(SkipRecord(epoch, source, reason, detail))
+        if len(captions) < images.shape[0]:
+            images = images[:len(captions)].clone()
+        return Batch(images, tokenize(captions, self.context_length, truncate=True), count_reasons(skips), skips)
 
-    def __getitems__(self, items: list[tuple[int, int, int]]) -> Batch | _Failure:
-        skipped: dict[str, int] = {}
-        size = self.transform.image_size
-        images = torch.empty(len(items), 3, size, size)  # filled in place: no second copy as torch.stack makes
-        captions = []
-        try:
-            for slot, (epoch, position, index) in enumerate(items):
-                pixels, caption = self._good_sample(epoch, position, index, skipped)
-                images[slot] = pixels
-                captions.append(caption)
-        except ClipforgeError as error:
-            return _Failure(str(error))
-        return Batch(images, tokenize(captions, self.context_length, truncate=True), skipped)
-
-    def __getitem__(self, item: tuple[int, int, int]) -> Batch | _Failure:
+    def __getitem__(self, item: _Item) -> Batch:
         return self.__getitems__([item])
 
 
 @dataclass
 class _StepSampler:
-    """Lazy batch sampler: rank r of step s takes positions s*G + r*b ... s*G + (r+1)*b - 1 of the order."""
+    """Lazy batch sampler: rank r of step s takes positions s*G + r*b ... s*G + (r+1)*b - 1 of the order.
 
-    order: torch.Tensor  # the epoch's permutation of rows, the same on every rank
+    The last step also lists this rank's share of the rows past the last full batch, to check only.
+    """
+
+    order: torch.Tensor  # the epoch's permutation of usable rows, the same on every rank
     epoch: int
     start_step: int
     steps: int
     global_batch_size: int
     local_batch_size: int
     rank: int
+    world_size: int
 
     def __len__(self) -> int:
         return max(0, self.steps - self.start_step)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+    def __iter__(self) -> Iterator[list[_Item]]:
         for step in range(self.start_step, self.steps):
             first = step * self.global_batch_size + self.rank * self.local_batch_size
             rows = self.order[first:first + self.local_batch_size].tolist()
-            yield [(self.epoch, first + k, row) for k, row in enumerate(rows)]
+            items = [(self.epoch, first + k, row, True) for k, row in enumerate(rows)]
+            if step == self.steps - 1:
+                tail = range(self.steps * self.global_batch_size + self.rank, len(self.order), self.world_size)
+                items += [(self.epoch, p, int(self.order[p]), False) for p in tail]
+            yield items
 
 
 class MapTrainData(TrainData):
@@ -242,15 +280,34 @@ class MapTrainData(TrainData):
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // world_size
         self.rank, self.world_size, self.seed, self.num_workers = rank, world_size, seed, num_workers
-        self.steps_per_epoch = len(dataset) // global_batch_size
+        problems = dataset.source.problems
+        self.usable = torch.arange(len(dataset))
+        if problems:
+            keep = torch.ones(len(dataset), dtype=torch.bool)
+            keep[list(problems)] = False
+            self.usable = self.usable[keep]
+            if len(self.usable) == 0:
+                where = getattr(dataset.source, "path", "data.path")
+                raise ClipforgeError(f"the training data is unusable: all {len(dataset)} rows of {where} are bad "
+                                     f"({format_counts(count_reasons(self.known_bad(0)))}); check data.path, the "
+                                     "columns, data.image_root and the image files")
+        self.steps_per_epoch = len(self.usable) // global_batch_size
+        # Ranks must agree on each step's batch size (see the module docstring); one process needs nothing.
+        self.agree: Callable[[int], int] | None = min_across_ranks if world_size > 1 else None
+
+    def known_bad(self, epoch: int) -> list[SkipRecord]:
+        """Records of the rows that are bad before any image is decoded (reported once per epoch)."""
+        source = self.dataset.source
+        return [SkipRecord(epoch, *_named(source, row, reason)) for row, reason in sorted(source.problems.items())]
 
     def batch_items(self, epoch: int, start_step: int = 0) -> _StepSampler:
-        """The batch sampler: per step, (epoch, position, row) for each of this rank's samples."""
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
-        return _StepSampler(order, epoch, start_step, self.steps_per_epoch, self.global_batch_size,
-                            self.local_batch_size, self.rank)
+        """The batch sampler: per step, (epoch, position, row, train) for each of this rank's samples."""
+        permutation = torch.randperm(len(self.usable), generator=torch.Generator().manual_seed(self.seed + epoch))
+        return _StepSampler(self.usable[permutation], epoch, start_step, self.steps_per_epoch,
+                            self.global_batch_size, self.local_batch_size, self.rank, self.world_size)
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """Under torch.distributed every rank must iterate this in step (one all_reduce per batch)."""
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
         if start_step >= self.steps_per_epoch:
@@ -261,10 +318,26 @@ class MapTrainData(TrainData):
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                             collate_fn=_identity, pin_memory=False, persistent_workers=False,
                             generator=torch.Generator().manual_seed(sample_seed("loader", self.seed, epoch)))
-        for item in loader:
-            if isinstance(item, _Failure):
-                raise ClipforgeError(item.message)
-            yield item
+        empty_in_a_row, limit = 0, max(1, -(-MAX_CONSECUTIVE_BAD // self.local_batch_size))
+        for step, batch in zip(range(start_step, self.steps_per_epoch), loader):
+            if step == 0 and self.rank == 0 and self.dataset.source.problems:
+                batch.skips = self.known_bad(epoch) + batch.skips
+                batch.skipped = count_reasons(batch.skips)
+            size = self.agree(len(batch)) if self.agree is not None else len(batch)
+            if size < len(batch):
+                batch.unused = len(batch) - size
+                batch.images, batch.texts = batch.images[:size].clone(), batch.texts[:size].clone()
+            empty_in_a_row = empty_in_a_row + 1 if size == 0 else 0
+            if empty_in_a_row >= limit:  # the same on every rank: the size is agreed
+                raise ClipforgeError(f"the training data is unusable: {empty_in_a_row} steps in a row up to step "
+                                     f"{step} of epoch {epoch} have no image that decodes (last: "
+                                     f"{batch.skips[-1].detail if batch.skips else '?'}); check the image files")
+            yield batch
+
+
+def _named(source: MapSource, row: int, reason: str) -> tuple[str, str, str]:
+    name, detail = source.name(row)
+    return name, reason, detail
 
 
 def check_batch_sizes(global_batch_size: int, rank: int, world_size: int) -> None:

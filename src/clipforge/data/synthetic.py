@@ -127,9 +127,13 @@ class SyntheticCaptions:
             raise ValueError(f"num_samples must be <= {EVAL_OFFSET} so training never reaches the eval split")
         self.seed, self.num_samples, self.size = seed, num_samples, size
         self.offset = EVAL_OFFSET if split == "eval" else 0
+        self.problems: dict[int, str] = {}  # generated pairs are never bad
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def name(self, index: int) -> tuple[str, str]:
+        return f"synthetic:{self.seed}:{self.offset + index}", ""
 
     def load(self, index: int) -> tuple[Image.Image, str]:
         if not 0 <= index < self.num_samples:

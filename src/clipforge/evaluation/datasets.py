@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 
 from clipforge.errors import ClipforgeError
-from clipforge.evaluation.retrieval_data import RetrievalDataset, file_fingerprint, load_retrieval, read_text
+from clipforge.evaluation.retrieval_data import (RetrievalDataset, file_fingerprint, load_retrieval, read_text,
+                                                 resolved)
 from clipforge.transforms import load_image
 
 __all__ = ["CLASSIFICATION_FORMATS", "ClassificationDataset", "RetrievalDataset", "dataset_classnames",
@@ -37,7 +38,7 @@ __all__ = ["CLASSIFICATION_FORMATS", "ClassificationDataset", "RetrievalDataset"
 
 CLASSIFICATION_FORMATS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder", "csv")
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "tsv": "csv"}
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 @lru_cache(maxsize=None)
@@ -96,6 +97,11 @@ class ClassificationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         return self._images(self._index[i]), self.labels[i]
+
+    def path_of(self, i: int) -> str | None:
+        """The image file of item ``i`` (None for images held in memory), so a skipped item can be named."""
+        paths = getattr(self._images, "paths", None)
+        return paths[self._index[i]] if paths is not None else None
 
     def subset(self, indices: Sequence[int]) -> ClassificationDataset:
         """The items at ``indices`` (in that order), with an identity that names exactly which ones."""
@@ -239,7 +245,7 @@ def _display_names(folders: list[str], classnames_file: str | None) -> list[str]
     path = Path(classnames_file).expanduser()
     if not path.is_file():
         raise ClipforgeError(f"classnames file '{path}' does not exist; pass a text file with one class per line")
-    names = [line.strip() for line in read_text(path).splitlines() if line.strip()]
+    names = [line.strip() for line in read_text(path, "classnames file").splitlines() if line.strip()]
     if len(names) != len(folders):
         raise ClipforgeError(f"classnames file '{path}' has {len(names)} names but the dataset has {len(folders)} "
                              "classes; give one name per class, in sorted class order")
@@ -250,7 +256,7 @@ def _image_files(folder: Path) -> list[str]:
     found = []
     for parent, dirs, files in os.walk(folder):
         dirs.sort()
-        found += [os.path.join(parent, f) for f in sorted(files) if f.lower().endswith(_IMAGE_SUFFIXES)]
+        found += [os.path.join(parent, f) for f in sorted(files) if f.lower().endswith(IMAGE_SUFFIXES)]
     return found
 
 
@@ -277,7 +283,8 @@ def _cifar10_folders(root: Path, split: str) -> tuple[list[str], list[int], list
 
 def _csv_dataset(file: Path, split: str, image_column: str, label_column: str,
                  classnames_file: str | None) -> tuple[list[str], list[int], list[str]]:
-    reader = csv.DictReader(io.StringIO(read_text(file), newline=""), delimiter="\t" if file.suffix.lower() == ".tsv" else ",")
+    delimiter = "\t" if file.suffix.lower() == ".tsv" else ","
+    reader = csv.DictReader(io.StringIO(read_text(file, "CSV file"), newline=""), delimiter=delimiter)
     missing = [c for c in (image_column, label_column) if c not in (reader.fieldnames or [])]
     if missing:
         raise ClipforgeError(f"'{file}' has no column(s) {', '.join(missing)} (found "
@@ -318,7 +325,7 @@ def load_classification(name: str, root: str | os.PathLike, split: str = "test",
         raise ClipforgeError(f"unknown split '{split}' for '{name}'; choose 'train' or 'test'")
     if max_samples is not None and max_samples < 1:
         raise ClipforgeError(f"max_samples must be at least 1, got {max_samples}; pass None to use every sample")
-    path = Path(root).expanduser().resolve()
+    path = resolved(root, "dataset path")
     if not path.exists():
         raise ClipforgeError(f"dataset path '{path}' does not exist; pass the folder (or file) that holds {key}")
     images: Callable[[int], Image.Image]

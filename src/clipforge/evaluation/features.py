@@ -3,11 +3,14 @@
 Every evaluation (zero-shot, linear probe, retrieval) starts from L2-normalised image features, so
 they are computed once here. The cache key covers the weights, the dataset's identity, the
 preprocessing and the precision, so a cached file is never reused for a different model or input.
+An image that cannot be used (a missing file, a dangling link, a corrupt image) is skipped, counted
+under the same reason names training uses, and named, so a report can list every one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -15,16 +18,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clipforge.checkpoints.atomic import atomic_write
+from clipforge.data.skips import MISSING_FILE, UNREADABLE_IMAGE, format_counts
 from clipforge.errors import ClipforgeError
 from clipforge.models.clip import CLIP
 from clipforge.tokenizer import tokenize
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+_CACHE_VERSION = "2"  # 2: the cache also stores which items were skipped and why
+_WARN_NAMES = 5  # skipped files named on the console; the result JSON lists them all
+
+
+def skip_reason(path: str | None) -> str:
+    """Why an item whose image failed to decode is skipped: its file is not there (or is a dangling link or
+    a link loop), or it is there but is not a readable image."""
+    return MISSING_FILE if path is not None and not os.path.exists(path) else UNREADABLE_IMAGE
+
+
+def reason_counts(skipped: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """{reason: how many} of skipped-item records, in a stable order."""
+    counts: dict[str, int] = {}
+    for item in skipped:
+        counts[item["reason"]] = counts.get(item["reason"], 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def model_fingerprint(model: CLIP) -> str:
@@ -47,7 +68,7 @@ def autocast_for(device: torch.device, precision: str):
 
 
 class _Preprocessed(Dataset):
-    """(pixels, index) per item, or (None, index, reason) for an image that cannot be decoded."""
+    """(pixels, index, None) per item, or (None, index, skip record) for an image that cannot be used."""
 
     def __init__(self, dataset: Dataset, preprocess: Callable[[Any], torch.Tensor]) -> None:
         self.dataset, self.preprocess = dataset, preprocess
@@ -60,12 +81,16 @@ class _Preprocessed(Dataset):
             image = self.dataset[index][0]
             return self.preprocess(image), index, None
         except Exception as error:  # noqa: BLE001 (a bad file is counted and skipped, never a dead eval)
-            return None, index, f"{type(error).__name__}: {error}"
+            path_of = getattr(self.dataset, "path_of", None)
+            path = path_of(index) if path_of is not None else None
+            detail = str(error) if isinstance(error, ClipforgeError) else f"{type(error).__name__}: {error}"
+            return None, index, {"item": index, "path": path if path is not None else f"item {index}",
+                                 "reason": skip_reason(path), "error": " ".join(detail.split())}
 
 
 def _collate(items):
     good = [(pixels, index) for pixels, index, _ in items if pixels is not None]
-    bad = [(index, reason) for pixels, index, reason in items if pixels is None]
+    bad = [record for pixels, _, record in items if pixels is None]
     pixels = torch.stack([p for p, _ in good]) if good else None
     return pixels, torch.tensor([i for _, i in good], dtype=torch.long), bad
 
@@ -73,7 +98,7 @@ def _collate(items):
 def _cache_path(cache_dir: str | os.PathLike | None, *parts: str) -> Path | None:
     if cache_dir is None:
         return None
-    key = hashlib.blake2b("\x00".join(parts).encode(), digest_size=16).hexdigest()
+    key = hashlib.blake2b("\x00".join((_CACHE_VERSION, *parts)).encode(), digest_size=16).hexdigest()
     return Path(cache_dir) / f"image_features_{key}.safetensors"
 
 
@@ -81,19 +106,57 @@ def _cache_path(cache_dir: str | os.PathLike | None, *parts: str) -> Path | None
 def image_features(model: CLIP, dataset: Dataset, preprocess: Callable[[Any], torch.Tensor], *,
                    batch_size: int = 128, num_workers: int = 2, precision: str = "fp32",
                    cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                   description: str = "image features") -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-    """(features [n, E] float32 normalised, dataset indices [n], skipped counts) for every decodable item.
+                   description: str = "image features",
+                   skipped_items: list[dict[str, Any]] | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """(features [n, E] float32 normalised, dataset indices [n], skipped counts by reason) for every usable item.
 
-    Items whose image cannot be read are left out and counted under ``skipped["unreadable_image"]``
-    (the first reason is printed); metrics are then computed over the rest.
+    Items whose image cannot be used are left out and counted by reason (``missing_file``,
+    ``unreadable_image``); metrics are then computed over the rest. ``skipped_items``, if given, receives
+    one record per skipped item: ``{"item", "path", "reason", "error"}``.
     """
+    if batch_size < 1 or num_workers < 0:
+        raise ClipforgeError(f"batch_size must be at least 1 and num_workers at least 0, got {batch_size} and "
+                             f"{num_workers}")
     device = next(model.parameters()).device
     identity = getattr(dataset, "identity", None)
     cache = _cache_path(cache_dir, model_fingerprint(model), str(identity), repr(preprocess), precision) \
         if identity is not None else None
-    if cache is not None and cache.is_file():
-        stored = load_file(str(cache))
-        return stored["features"], stored["indices"], {"unreadable_image": int(stored["skipped"].item())}
+    cached = _read_cache(cache) if cache is not None and cache.is_file() else None
+    if cached is not None:
+        features, indices, bad = cached
+    else:
+        features, indices, bad = _compute(model, dataset, preprocess, device, batch_size, num_workers, precision,
+                                          progress, description)
+        if cache is not None:
+            tensors = {"features": features, "indices": indices}
+            atomic_write(cache, lambda tmp: save_file(tensors, str(tmp), metadata={"skipped": json.dumps(bad)}))
+    counts = reason_counts(bad)
+    if bad:
+        names = ", ".join(f"{item['path']} ({item['reason']})" for item in bad[:_WARN_NAMES])
+        names = names.encode("utf-8", "backslashreplace").decode("utf-8")  # a file name that is not UTF-8
+        more = f" and {len(bad) - _WARN_NAMES} more" if len(bad) > _WARN_NAMES else ""
+        print(f"warning: {description}: skipped {len(bad)} of {len(dataset)} images "  # type: ignore[arg-type]
+              f"({format_counts(counts)}): {names}{more}", flush=True)
+    if skipped_items is not None:
+        skipped_items.extend(bad)
+    return features, indices, counts
+
+
+def _read_cache(cache: Path) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]] | None:
+    """A cache file's features, indices and skip records; None (compute afresh) when it is damaged."""
+    try:
+        with safe_open(str(cache), framework="pt") as stored:
+            bad = json.loads((stored.metadata() or {}).get("skipped", "[]"))
+            return stored.get_tensor("features"), stored.get_tensor("indices"), list(bad)
+    except Exception as error:  # noqa: BLE001 (a truncated cache is only lost time, never a failed eval)
+        print(f"warning: ignoring damaged feature cache {cache} ({type(error).__name__}); computing afresh")
+        return None
+
+
+def _compute(model: CLIP, dataset: Dataset, preprocess: Callable[[Any], torch.Tensor], device: torch.device,
+             batch_size: int, num_workers: int, precision: str, progress: bool,
+             description: str) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
     loader = DataLoader(_Preprocessed(dataset, preprocess), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate, shuffle=False)
     features, indices, bad = [], [], []
@@ -106,15 +169,10 @@ def image_features(model: CLIP, dataset: Dataset, preprocess: Callable[[Any], to
             features.append(model.encode_image(pixels.to(device), normalize=True).float().cpu())
         indices.append(index)
     if not features:
-        raise ClipforgeError(f"no image of the dataset ({len(dataset)} items) could be read; first error: "
-                             f"{bad[0][1] if bad else 'the dataset is empty'}")
-    if bad:
-        print(f"warning: skipped {len(bad)} unreadable image(s); first: item {bad[0][0]}: {bad[0][1]}")
-    result = torch.cat(features), torch.cat(indices), {"unreadable_image": len(bad)}
-    if cache is not None:
-        tensors = {"features": result[0], "indices": result[1], "skipped": torch.tensor(len(bad))}
-        atomic_write(cache, lambda tmp: save_file(tensors, str(tmp)))
-    return result
+        first = f"{bad[0]['path']}: {bad[0]['error']}" if bad else "the dataset is empty"
+        raise ClipforgeError(f"no image of the dataset ({len(dataset)} items) could be read "  # type: ignore[arg-type]
+                             f"(first: {first[:200]}); check the dataset path and its files")
+    return torch.cat(features), torch.cat(indices), bad
 
 
 @torch.no_grad()

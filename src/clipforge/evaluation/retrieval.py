@@ -26,10 +26,12 @@ def evaluate_retrieval(model: CLIP, preprocess: Callable[[Any], torch.Tensor], d
     captions: list[list[str]] = dataset.captions
     if not any(captions):
         raise ClipforgeError("the retrieval dataset has no captions")
+    skipped_files: list[dict[str, Any]] = []
     images, kept, skipped = image_features(model, dataset, preprocess, batch_size=batch_size,
                                            num_workers=num_workers, precision=precision, cache_dir=cache_dir,
                                            progress=progress,
-                                           description=f"retrieval {getattr(dataset, 'name', '')} images")
+                                           description=f"retrieval {getattr(dataset, 'name', '')} images",
+                                           skipped_items=skipped_files)
     texts: list[str] = []
     owners: list[int] = []
     for position, index in enumerate(kept.tolist()):
@@ -38,4 +40,5 @@ def evaluate_retrieval(model: CLIP, preprocess: Callable[[Any], torch.Tensor], d
     texts_embedded = text_features(model, texts, precision=precision, progress=progress,
                                    description=f"retrieval {getattr(dataset, 'name', '')} captions")
     metrics = retrieval_metrics(images, texts_embedded, torch.tensor(owners), ks=ks)
-    return {**metrics, "num_images": len(images), "num_captions": len(texts), "skipped": skipped}
+    return {**metrics, "num_images": len(images), "num_captions": len(texts), "skipped": skipped,
+            "skipped_files": skipped_files}

@@ -23,7 +23,7 @@ from PIL import Image
 from clipforge.errors import ClipforgeError
 from clipforge.transforms import load_image
 
-__all__ = ["RETRIEVAL_FORMATS", "RetrievalDataset", "load_retrieval", "file_fingerprint", "read_text"]
+__all__ = ["RETRIEVAL_FORMATS", "RetrievalDataset", "load_retrieval", "file_fingerprint", "read_text", "resolved", "short"]
 
 RETRIEVAL_FORMATS = ("flickr8k", "flickr30k", "coco", "csv", "tsv")
 _SPLITS = {"train": "train", "val": "val", "dev": "val", "test": "test", "restval": "restval"}
@@ -34,8 +34,11 @@ def file_fingerprint(paths: Iterable[os.PathLike | str]) -> str:
     """Short hash of the names, sizes and mtimes of ``paths``: changes when the data on disk changes, costs a stat."""
     digest = hashlib.sha1()
     for path in paths:
-        st = os.stat(path)
-        digest.update(f"{os.fspath(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(path)
+            digest.update(f"{os.fspath(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        except OSError as error:  # a dangling link or link loop: skipped when read, but still part of the data
+            digest.update(f"{os.fspath(path)}:errno={error.errno}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -61,13 +64,44 @@ class RetrievalDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[Image.Image, list[str]]:
         return load_image(self.image_paths[i]).convert("RGB"), list(self.captions[i])
 
+    def path_of(self, i: int) -> str:
+        """The image file of item ``i``, so a skipped item can be named."""
+        return self.image_paths[i]
 
-def read_text(path: Path) -> str:
-    """A UTF-8 text file, or a ClipforgeError naming it when it is not UTF-8."""
+
+def short(value: object, limit: int = 120) -> str:
+    """``value`` as text cut to ``limit`` characters, so an error quoting a user's input stays one short line."""
+    text = " ".join(str(value).split())  # no newline from the input may split the sentence
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def resolved(path: str | os.PathLike, what: str) -> Path:
+    """``path`` made absolute with links followed; a link loop is a ClipforgeError, not pathlib's RuntimeError."""
     try:
-        return path.read_text(encoding="utf-8")
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):
+        raise ClipforgeError(f"{what} '{short(os.fspath(path))}' is a symbolic link that points back at itself; "
+                             "pass the real file or folder") from None
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A UTF-8 text file (a BOM is dropped), or a ClipforgeError naming it and the fix.
+
+    ``what`` says which input it is ("labels file"), so the sentence names the option the user set.
+    """
+    name = short(os.fspath(path))
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ClipforgeError(f"cannot read '{path}': it is not UTF-8 text ({e.reason}); re-save it as UTF-8") from None
+        raise ClipforgeError(f"cannot read {what} '{name}': it is not UTF-8 text ({e.reason} at byte {e.start}); "
+                             "re-save it as UTF-8") from None
+    except FileNotFoundError:
+        raise ClipforgeError(f"{what} '{name}' does not exist; check the path") from None
+    except IsADirectoryError:
+        raise ClipforgeError(f"{what} '{name}' is a folder; pass a text file") from None
+    except OSError as e:
+        raise ClipforgeError(f"cannot read {what} '{name}': {e.strerror or e}; check the file and its "
+                             "permissions") from None
 
 
 def _karpathy(path: Path, split: str) -> tuple[list[tuple[str, str]], list[Path]]:
@@ -75,7 +109,7 @@ def _karpathy(path: Path, split: str) -> tuple[list[tuple[str, str]], list[Path]
         images = json.loads(read_text(path))["images"]
         rows = [(os.path.join(item.get("filepath", ""), item["filename"]), sentence["raw"])
                 for item in images if item["split"] == split for sentence in item["sentences"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ClipforgeError(
             f"'{path}' is not a Karpathy-split JSON ({type(e).__name__}: {e}); expected "
             '{"images": [{"filename", "split", "sentences": [{"raw"}]}]}') from None
@@ -134,7 +168,7 @@ def load_retrieval(name: str, path: str | os.PathLike, split: str = "test", *, i
     if split not in _SPLITS:
         raise ClipforgeError(f"unknown split '{split}' for '{name}'; choose one of train, val, test, restval")
     split = _SPLITS[split]
-    file = Path(path).expanduser().resolve()
+    file = resolved(path, "caption file")
     if not file.is_file():
         raise ClipforgeError(f"caption file '{file}' does not exist; pass the Karpathy JSON, captions TSV/CSV or "
                              "*.token.txt of the dataset")
@@ -154,7 +188,7 @@ def load_retrieval(name: str, path: str | os.PathLike, split: str = "test", *, i
     for image, caption in rows:
         grouped.setdefault(image, []).append(caption)
     if image_root is not None:
-        root = Path(image_root).expanduser().resolve()
+        root = resolved(image_root, "image_root")
     elif lower.endswith(".json") or not (file.parent / "images").is_dir():
         root = file.parent
     else:
@@ -165,7 +199,8 @@ def load_retrieval(name: str, path: str | os.PathLike, split: str = "test", *, i
             raise ClipforgeError(f"max_images must be at least 1, got {max_images}; pass None to use every image")
         images = [images[i] for i in _seeded_subset(len(images), max_images)]
     paths = [str(root / image) for image in images]
-    if not os.path.exists(paths[0]):
+    # A wrong image_root leaves every image missing; one missing (or dangling) file is only skipped later.
+    if not os.path.lexists(paths[0]) and not any(os.path.lexists(p) for p in paths):
         raise ClipforgeError(f"image '{paths[0]}' named in '{file}' does not exist; pass image_root= pointing at the "
                              "folder that holds the images")
     identity = (f"retrieval:{key}|{file}|split={split}|root={root}|images={len(paths)}|"

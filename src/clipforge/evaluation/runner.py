@@ -18,14 +18,16 @@ import torch
 
 from clipforge.errors import ClipforgeError
 from clipforge.evaluation import report
-from clipforge.evaluation.datasets import load_classification, load_retrieval
-from clipforge.evaluation.features import image_features
+from clipforge.evaluation.datasets import _ALIASES, CLASSIFICATION_FORMATS, load_classification, load_retrieval
+from clipforge.evaluation.features import image_features, reason_counts
 from clipforge.evaluation.linear_probe import linear_probe
 from clipforge.evaluation.retrieval import evaluate_retrieval
+from clipforge.evaluation.retrieval_data import _SPLITS, RETRIEVAL_FORMATS, short
 from clipforge.evaluation.zero_shot import evaluate_zero_shot, read_classnames, read_templates
 from clipforge.models.clip import CLIP
 
 TASKS = ("zero_shot", "linear_probe", "retrieval")
+_RETRIEVAL_SPLITS = tuple(_SPLITS)
 
 
 @dataclass
@@ -41,13 +43,36 @@ class EvalSpec:
     max_samples: int | None = None  # deterministic stratified subset, for quick evals
     image_root: str | None = None  # retrieval: folder the caption file's image names are relative to
     train_split: str = "train"  # linear probe: where the probe is fitted
+    image_column: str = "filepath"  # csv classification: the column of image paths
+    label_column: str = "label"  # csv classification: the column of labels
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name not in ("max_samples", "extra") and value is not None and not isinstance(value, str):
+                raise ClipforgeError(f"eval spec field '{f.name}' must be text, got {short(repr(value), 40)}")
         if self.task not in TASKS:
-            raise ClipforgeError(f"unknown evaluation task '{self.task}'; choose one of {', '.join(TASKS)}")
+            raise ClipforgeError(f"unknown evaluation task '{short(self.task, 40)}'; choose one of {', '.join(TASKS)}")
+        if not self.name:
+            raise ClipforgeError(f"{self.task} spec needs a dataset format before '=': NAME=PATH, e.g. "
+                                 "cifar10=/data/cifar10")
         if not self.path:
-            raise ClipforgeError(f"{self.task} spec for '{self.name}' needs a path: NAME=PATH")
+            raise ClipforgeError(f"{self.task} spec for '{short(self.name, 40)}' needs a path: NAME=PATH")
+        if self.max_samples is not None and (isinstance(self.max_samples, bool)
+                                             or not isinstance(self.max_samples, int) or self.max_samples < 1):
+            raise ClipforgeError(f"max_samples of the {self.task} spec for '{short(self.name, 40)}' must be a "
+                                 f"positive whole number, got {short(repr(self.max_samples), 40)}")
+        splits = _RETRIEVAL_SPLITS if self.task == "retrieval" else ("train", "test")
+        for key in ("split", "train_split"):
+            if getattr(self, key) not in splits:
+                raise ClipforgeError(f"{key} '{short(getattr(self, key), 40)}' of the {self.task} spec for "
+                                     f"'{short(self.name, 40)}' is not a split it has; choose one of {', '.join(splits)}")
+        formats = RETRIEVAL_FORMATS if self.task == "retrieval" else CLASSIFICATION_FORMATS
+        aliases = () if self.task == "retrieval" else tuple(_ALIASES)
+        if self.name.lower() not in (*formats, *aliases):
+            raise ClipforgeError(f"unknown {self.task.replace('_', '-')} dataset format '{short(self.name, 40)}'; "
+                                 f"choose one of {', '.join(formats)}")
 
     @property
     def label(self) -> str:
@@ -56,19 +81,21 @@ class EvalSpec:
     @classmethod
     def parse(cls, task: str, text: str) -> EvalSpec:
         """``NAME=PATH[,key=value...]``, e.g. ``imagefolder=/data/pets,classnames=pets.txt,max_samples=500``."""
+        option = f"--{task.replace('_', '-')}"
         head, *options = [part.strip() for part in str(text).split(",")]
         if "=" not in head:
-            raise ClipforgeError(f"--{task.replace('_', '-')} expects NAME=PATH (e.g. cifar10=/data/cifar10), "
-                                 f"got {text!r}")
+            raise ClipforgeError(f"{option} expects NAME=PATH (e.g. cifar10=/data/cifar10), got {short(text)!r}")
         name, path = head.split("=", 1)
         values: dict[str, Any] = {}
-        known = {f.name for f in fields(cls)} - {"task", "name", "path", "extra"}
-        for option in options:
-            key, _, value = option.partition("=")
-            if key not in known or not value:
-                raise ClipforgeError(f"option {option!r} in {text!r} is not KEY=VALUE with KEY one of "
-                                     f"{', '.join(sorted(known))}")
-            values[key] = int(value) if key == "max_samples" else value
+        known = sorted({f.name for f in fields(cls)} - {"task", "name", "path", "extra"})
+        for item in options:
+            key, equals, value = (part.strip() for part in item.partition("="))
+            if key not in known or not equals or not value:
+                raise ClipforgeError(f"{option} option {short(item, 60)!r} is not KEY=VALUE with KEY one of "
+                                     f"{', '.join(known)}; fix {short(text, 100)!r}")
+            if key in values:
+                raise ClipforgeError(f"{option} gives {key}= twice in {short(text)!r}; keep one")
+            values[key] = _whole_number(value, f"{option} option max_samples") if key == "max_samples" else value
         return cls(task=task, name=name.strip(), path=path.strip(), **values)
 
     @classmethod
@@ -76,13 +103,39 @@ class EvalSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ClipforgeError(f"eval entry field '{unknown[0]}' is not known; known: {', '.join(sorted(known))}")
+            raise ClipforgeError(f"eval entry field '{short(unknown[0], 40)}' is not known; known: "
+                                 f"{', '.join(sorted(known))}")
+        missing = sorted({"task", "name", "path"} - set(d))
+        if missing:
+            raise ClipforgeError(f"eval entry lacks field(s) {', '.join(missing)}; give task, name and path")
         return cls(**d)
+
+    def check_paths(self) -> None:
+        """Fail now, before a model is loaded, if a path this spec names does not exist."""
+        for key, value in (("path", self.path), ("classnames", self.classnames), ("image_root", self.image_root)):
+            if value is not None and not os.path.lexists(Path(value).expanduser()):
+                raise ClipforgeError(f"{self.task} spec '{short(self.name, 40)}': {key} '{short(value)}' does not "
+                                     "exist; check the path")
+        if self.templates is not None and Path(self.templates).suffix and not Path(self.templates).exists():
+            raise ClipforgeError(f"{self.task} spec templates= '{short(self.templates)}' does not exist; pass a "
+                                 "file or a built-in set such as imagenet")
+
+
+def _whole_number(value: str, what: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ClipforgeError(f"{what} must be a positive whole number, got {short(value, 40)!r}") from None
+    if number < 1:
+        raise ClipforgeError(f"{what} must be a positive whole number, got {number}; leave it out to use "
+                             "every sample")
+    return number
 
 
 def _classification(spec: EvalSpec, split: str):
     dataset = load_classification(spec.name, spec.path, split, classnames_file=spec.classnames,
-                                  max_samples=spec.max_samples)
+                                  max_samples=spec.max_samples, image_column=spec.image_column,
+                                  label_column=spec.label_column)
     return dataset
 
 
@@ -124,8 +177,10 @@ def run_eval(spec: EvalSpec, model: CLIP, preprocess: Callable[[Any], torch.Tens
         metrics = evaluate_retrieval(model, preprocess, dataset, **common)
     else:
         metrics = _run_linear_probe(spec, model, preprocess, settings, common)
+    skipped_files = metrics.pop("skipped_files", [])
     result = report.make_result(spec.task, spec.label, model_name, metrics,
                                 seconds=time.perf_counter() - started, settings=settings)
+    result["skipped_files"] = skipped_files  # every image left out, with its reason and error
     if output_dir is not None:
         report.write_json(result, Path(output_dir) / f"{spec.task}_{spec.label}.json")
     return result
@@ -146,16 +201,18 @@ def _run_linear_probe(spec: EvalSpec, model: CLIP, preprocess, settings: dict[st
         settings["protocol"] = (f"no separate '{spec.train_split}' split ({error}); '{spec.split}' split halved, "
                                 "stratified with seed 0: probe fitted on one half, scored on the other")
         print(f"note: {settings['protocol']}")
-    train_features, train_index, skipped_train = image_features(model, train, preprocess,
-                                                                 description=f"probe {spec.name} train", **common)
-    test_features, test_index, skipped_test = image_features(model, test, preprocess,
-                                                              description=f"probe {spec.name} test", **common)
+    skipped_files: list[dict[str, Any]] = []
+    train_features, train_index, _ = image_features(model, train, preprocess, description=f"probe {spec.name} train",
+                                                    skipped_items=skipped_files, **common)
+    test_features, test_index, _ = image_features(model, test, preprocess, description=f"probe {spec.name} test",
+                                                  skipped_items=skipped_files, **common)
     train_labels = torch.as_tensor(train.labels)[train_index]
     test_labels = torch.as_tensor(test.labels)[test_index]
     result = linear_probe(train_features, train_labels, test_features, test_labels, progress=common["progress"])
     metrics = {k: v for k, v in result.to_dict().items() if k != "weight"}
     metrics["num_classes"] = len(test.classnames)
-    metrics["skipped"] = {"unreadable_image": skipped_train["unreadable_image"] + skipped_test["unreadable_image"]}
+    metrics["skipped"] = reason_counts(skipped_files)
+    metrics["skipped_files"] = skipped_files
     return metrics
 
 

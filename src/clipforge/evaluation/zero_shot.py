@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from clipforge.errors import ClipforgeError
 from clipforge.evaluation.features import image_features, text_features
 from clipforge.evaluation.metrics import classification_metrics
+from clipforge.evaluation.retrieval_data import read_text, short
 from clipforge.models.clip import CLIP
 
 
@@ -49,8 +50,28 @@ def normalize_template(template: str) -> str:
     """Accept CLIP_benchmark's '{c}' placeholder as well as '{}'."""
     template = template.replace("{c}", "{}")
     if "{}" not in template:
-        raise ClipforgeError(f"prompt template {template!r} has no '{{}}' (or '{{c}}') where the class name goes")
+        raise ClipforgeError(f"prompt template {short(template)!r} has no '{{}}' (or '{{c}}') where the class "
+                             "name goes; add it")
     return template
+
+
+def _json(text: str, path: Path, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ClipforgeError(f"{what} '{short(path)}' is not valid JSON ({error}); fix it or give one entry "
+                             "per line in a .txt file") from None
+
+
+def _keyed(data: Any, path: Path, what: str, dataset: str | None) -> Any:
+    """A JSON object keyed by dataset name (CLIP_benchmark's files) gives the entry for ``dataset``."""
+    if not isinstance(data, dict):
+        return data
+    if dataset is None or dataset not in data:
+        keys = ", ".join(short(k, 40) for k in list(data)[:10]) or "none"
+        raise ClipforgeError(f"{what} '{short(path)}' is keyed by dataset but has no key '{short(dataset, 40)}'; "
+                             f"its keys: {keys}")
+    return data[dataset]
 
 
 def read_templates(source: str | os.PathLike, dataset: str | None = None) -> list[str]:
@@ -58,27 +79,21 @@ def read_templates(source: str | os.PathLike, dataset: str | None = None) -> lis
     keyed by dataset name (CLIP_benchmark's ``--custom_template_file`` format)."""
     path = Path(source)
     if not path.is_file():
-        if os.sep in str(source) or path.suffix:
-            raise ClipforgeError(f"templates file '{source}' does not exist")
+        if os.sep in str(source) or path.suffix or path.exists():
+            raise ClipforgeError(f"templates file '{short(source)}' does not exist (or is not a file); pass a "
+                                 "text file with one template per line, or a built-in set such as imagenet")
         return get_templates(str(source))
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "templates file")
     if path.suffix.lower() == ".json":
-        try:
-            data: Any = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ClipforgeError(f"templates file '{path}' is not valid JSON ({error})") from None
-        if isinstance(data, dict):
-            if dataset is None or dataset not in data:
-                raise ClipforgeError(f"templates file '{path}' is keyed by dataset but has no key "
-                                     f"'{dataset}'; its keys: {', '.join(list(data)[:10])}")
-            data = data[dataset]
+        data = _keyed(_json(text, path, "templates file"), path, "templates file", dataset)
         if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
-            raise ClipforgeError(f"templates file '{path}' must hold a list of strings")
+            raise ClipforgeError(f"templates file '{short(path)}' must hold a JSON list of strings")
         templates = data
     else:
         templates = [line.strip() for line in text.splitlines() if line.strip()]
     if not templates:
-        raise ClipforgeError(f"templates file '{path}' holds no template")
+        raise ClipforgeError(f"templates file '{short(path)}' holds no template; write one per line, with {{}} "
+                             "where the class name goes")
     return [normalize_template(t) for t in templates]
 
 
@@ -86,19 +101,18 @@ def read_classnames(path: str | os.PathLike, dataset: str | None = None) -> list
     """Class names from a file: one per line, a JSON list, or a JSON object keyed by dataset name."""
     path = Path(path)
     if not path.is_file():
-        raise ClipforgeError(f"class names file '{path}' does not exist")
-    text = path.read_text(encoding="utf-8")
+        raise ClipforgeError(f"class names file '{short(path)}' does not exist (or is not a file); pass a text file "
+                             "with one class name per line")
+    text = read_text(path, "class names file")
     if path.suffix.lower() == ".json":
-        data: Any = json.loads(text)
-        if isinstance(data, dict):
-            if dataset is None or dataset not in data:
-                raise ClipforgeError(f"class names file '{path}' has no key '{dataset}'")
-            data = data[dataset]
+        data = _keyed(_json(text, path, "class names file"), path, "class names file", dataset)
+        if not isinstance(data, list) or not all(isinstance(n, (str, int, float)) for n in data):
+            raise ClipforgeError(f"class names file '{short(path)}' must hold a JSON list of names")
         names = [str(n) for n in data]
     else:
         names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
-        raise ClipforgeError(f"class names file '{path}' holds no name")
+        raise ClipforgeError(f"class names file '{short(path)}' holds no name; write one class name per line")
     return names
 
 
@@ -132,10 +146,12 @@ def evaluate_zero_shot(model: CLIP, preprocess: Callable[[Any], torch.Tensor], d
 
         templates = dataset_templates(getattr(dataset, "name", "")) or ["{}"]
     classifier = build_zero_shot_classifier(model, classnames, templates, precision=precision).float().cpu()
+    skipped_files: list[dict[str, Any]] = []
     features, indices, skipped = image_features(model, dataset, preprocess, batch_size=batch_size,
                                                 num_workers=num_workers, precision=precision,
                                                 cache_dir=cache_dir, progress=progress,
-                                                description=f"zero-shot {getattr(dataset, 'name', '')}")
+                                                description=f"zero-shot {getattr(dataset, 'name', '')}",
+                                                skipped_items=skipped_files)
     labels = torch.as_tensor(dataset.labels, dtype=torch.long)[indices]
     if labels.numel() and int(labels.max()) >= len(classnames):
         raise ClipforgeError(f"the dataset has label {int(labels.max())} but only {len(classnames)} class names "
@@ -147,4 +163,4 @@ def evaluate_zero_shot(model: CLIP, preprocess: Callable[[Any], torch.Tensor], d
         from clipforge.evaluation.report import plot_confusion
 
         plot_confusion(confusion, classnames, confusion_png)
-    return {**metrics, "num_templates": len(templates), "skipped": skipped}
+    return {**metrics, "num_templates": len(templates), "skipped": skipped, "skipped_files": skipped_files}

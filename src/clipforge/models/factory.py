@@ -45,10 +45,10 @@ def get_model_config(name_or_path: str | Path) -> ModelConfig:
     if str(name).endswith(".json") or Path(name).is_file():
         return config_from_file(name)
     close = difflib.get_close_matches(name, list(configs), n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    hint = f"did you mean {', '.join(close)}? " if close else ""
     raise UnknownModelError(
-        f"unknown model '{name_or_path}'.{hint} Known models: {', '.join(available_models())}; "
-        "or pass the path of a JSON config file"
+        f"unknown model '{str(name_or_path)[:120]}'; {hint}`clipforge models` lists the {len(configs)} known "
+        "architectures, or pass the path of a JSON config file"
     )
 
 

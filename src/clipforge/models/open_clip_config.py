@@ -8,10 +8,12 @@ silently ignored.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from clipforge.errors import ConfigError
 from clipforge.models.config import ModelConfig, config_from_dict
+from clipforge.transforms.image import preprocess_kwargs
 
 # Options that change the computation in ways clipforge does not implement, with their neutral value.
 _UNSUPPORTED_VISION = {"timm_model_name": None, "block_type": None, "qk_norm": False, "scaled_cosine_attn": False,
@@ -30,9 +32,46 @@ _TEXT_OPTIONS = ("ls_init_value", "no_causal_mask", "pool_type", "eos_id", "pad_
                  "proj_bias", "hf_tokenizer_name", "tokenizer_kwargs")
 
 
+def _short(value: Any, limit: int = 40) -> str:
+    """repr(value) on one line and at most limit characters: a message never echoes a huge value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _refuse(where: str, value: Any, why: str) -> ConfigError:
-    return ConfigError(f"open_clip config sets {where}={value!r}, {why}; clipforge loads open_clip's plain "
+    return ConfigError(f"open_clip config sets {where}={_short(value)}, {why}; clipforge loads open_clip's plain "
                            "CLIP family (ViT or ModifiedResNet image tower, transformer text tower) only")
+
+
+def _wrong(where: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"open_clip config field {where} must be {expected}, got {_short(value)}; fix the config")
+
+
+def _section(value: Any, where: str) -> dict[str, Any]:
+    """An object-valued option (null or absent: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _wrong(where, value, "an object")
+    return value
+
+
+def _count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _wrong(where, value, "a positive integer")
+    return value
+
+
+def _ratio(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise _wrong(where, value, "a positive number")
+    return value
+
+
+def _flag(value: Any, where: str) -> bool:
+    if value is not None and not isinstance(value, bool):
+        raise _wrong(where, value, "true or false")
+    return bool(value)
 
 
 def _check_unsupported(cfg: dict[str, Any], unsupported: dict[str, Any], where: str) -> None:
@@ -44,20 +83,20 @@ def _check_unsupported(cfg: dict[str, Any], unsupported: dict[str, Any], where: 
 
 def _square(value: Any, where: str) -> int:
     if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
+        if not value or len(set(_count(v, where) for v in value)) != 1:
             raise _refuse(where, value, "a non-square size")
         value = value[0]
-    return value
+    return _count(value, where)
 
 
 def _norm_and_act(cfg: dict[str, Any], where: str, quick_gelu: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    norm = cfg.get("norm_kwargs") or {}
+    norm = _section(cfg.get("norm_kwargs"), f"{where}norm_kwargs")
     if set(norm) - {"eps"}:
         raise _refuse(f"{where}norm_kwargs", norm, "which changes LayerNorm beyond its eps")
     if "eps" in norm:
-        out["norm_eps"] = norm["eps"]
-    act = cfg.get("act_kwargs") or {}
+        out["norm_eps"] = _ratio(norm["eps"], f"{where}norm_kwargs.eps")
+    act = _section(cfg.get("act_kwargs"), f"{where}act_kwargs")
     if act and (quick_gelu or set(act) != {"approximate"} or act["approximate"] not in ("none", "tanh")):
         raise _refuse(f"{where}act_kwargs", act, "an activation clipforge does not implement")
     if act:
@@ -72,16 +111,19 @@ def _vision(cfg: dict[str, Any], quick_gelu: bool) -> dict[str, Any]:
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise _refuse(f"vision_cfg.{unknown[0]}", cfg[unknown[0]], "an option clipforge does not know")
-    width, head_width = cfg.get("width", 768), cfg.get("head_width", 64)
+    width = _count(cfg.get("width", 768), "vision_cfg.width")
+    head_width = _count(cfg.get("head_width", 64), "vision_cfg.head_width")
     layers, image_size = cfg.get("layers", 12), _square(cfg.get("image_size", 224), "vision_cfg.image_size")
     if isinstance(layers, (list, tuple)):  # ModifiedResNet: open_clip ignores the ViT options
-        return {"type": "resnet", "image_size": image_size, "layers": list(layers), "width": width,
-                "heads": width * 32 // head_width}
+        return {"type": "resnet", "image_size": image_size, "width": width, "heads": width * 32 // head_width,
+                "layers": [_count(n, f"vision_cfg.layers[{i}]") for i, n in enumerate(layers)]}
+    layers = _count(layers, "vision_cfg.layers")
     if width % head_width:
         raise _refuse("vision_cfg.head_width", head_width, f"which does not divide the width {width}")
     vision = {"type": "vit", "image_size": image_size, "patch_size": _square(cfg.get("patch_size", 16),
                                                                               "vision_cfg.patch_size"),
-              "width": width, "layers": layers, "heads": width // head_width, "mlp_ratio": cfg.get("mlp_ratio", 4.0)}
+              "width": width, "layers": layers, "heads": width // head_width,
+              "mlp_ratio": _ratio(cfg.get("mlp_ratio", 4.0), "vision_cfg.mlp_ratio")}
     vision.update({key: cfg[key] for key in _VIT_OPTIONS if key in cfg})
     if vision.get("pool_type") == "none":
         raise _refuse("vision_cfg.pool_type", "none", "which returns tokens, not an embedding")
@@ -96,9 +138,9 @@ def _text(cfg: dict[str, Any], quick_gelu: bool, custom_text: bool) -> dict[str,
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise _refuse(f"text_cfg.{unknown[0]}", cfg[unknown[0]], "an option clipforge does not know")
-    text = {"context_length": cfg.get("context_length", 77), "vocab_size": cfg.get("vocab_size", 49408),
-            "width": cfg.get("width", 512), "layers": cfg.get("layers", 12), "heads": cfg.get("heads", 8),
-            "mlp_ratio": cfg.get("mlp_ratio", 4.0)}
+    defaults = {"context_length": 77, "vocab_size": 49408, "width": 512, "layers": 12, "heads": 8}
+    text: dict[str, Any] = {key: _count(cfg.get(key, default), f"text_cfg.{key}") for key, default in defaults.items()}
+    text["mlp_ratio"] = _ratio(cfg.get("mlp_ratio", 4.0), "text_cfg.mlp_ratio")
     text.update({key: cfg[key] for key in _TEXT_OPTIONS if key in cfg and cfg[key] is not None})
     if text.get("pool_type") == "none":
         raise _refuse("text_cfg.pool_type", "none", "which returns tokens, not an embedding")
@@ -118,16 +160,16 @@ def model_config_from_open_clip(model_cfg: dict[str, Any], name: str,
                                        "init_logit_scale", *_UNSUPPORTED_MODEL})
     if unknown:
         raise _refuse(unknown[0], model_cfg[unknown[0]], "an option clipforge does not know")
-    quick_gelu = bool(model_cfg.get("quick_gelu", False))
-    custom_text = bool(model_cfg.get("custom_text", False))
-    data = {"embed_dim": model_cfg.get("embed_dim", 512), "quick_gelu": quick_gelu, "custom_text": custom_text,
-            "vision": _vision(dict(model_cfg.get("vision_cfg") or {}), quick_gelu),
-            "text": _text(dict(model_cfg.get("text_cfg") or {}), quick_gelu, custom_text)}
+    quick_gelu = _flag(model_cfg.get("quick_gelu", False), "quick_gelu")
+    custom_text = _flag(model_cfg.get("custom_text", False), "custom_text")
+    data = {"embed_dim": _count(model_cfg.get("embed_dim", 512), "embed_dim"), "quick_gelu": quick_gelu,
+            "custom_text": custom_text,
+            "vision": _vision(dict(_section(model_cfg.get("vision_cfg"), "vision_cfg")), quick_gelu),
+            "text": _text(dict(_section(model_cfg.get("text_cfg"), "text_cfg")), quick_gelu, custom_text)}
     if preprocess_cfg:
-        data["preprocess"] = {key: preprocess_cfg[key] for key in ("mean", "std", "interpolation", "resize_mode",
-                                                                   "fill_color") if preprocess_cfg.get(key) is not None}
-        if data["preprocess"].get("interpolation") == "random":  # open_clip's eval transform uses bicubic then
-            data["preprocess"]["interpolation"] = "bicubic"
+        checked = preprocess_kwargs(preprocess_cfg)  # names the preprocess_cfg field; "random" becomes bicubic
+        data["preprocess"] = {key: checked[key] for key in ("mean", "std", "interpolation", "resize_mode",
+                                                            "fill_color") if preprocess_cfg.get(key) is not None}
     try:
         return config_from_dict(data, name)
     except ConfigError as error:  # it names the clipforge field; say where the value came from

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from clipforge.checkpoints.atomic import atomic_write
+from clipforge.checkpoints.weights import verify_zip
 from clipforge.errors import CheckpointError
 
 _NAME = re.compile(r"step_(\d+)\.pt$")
@@ -49,9 +50,16 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _write_torch(state: dict[str, Any], path: Path) -> None:
+    """torch.save through a Python file, so that a full disk surfaces as OSError(ENOSPC) for atomic_write to name."""
+    with open(path, "wb") as handle:
+        torch.save(state, handle)
+
+
 def save_checkpoint(state: dict[str, Any], output_dir: str | Path, step: int, keep_last: int) -> Path:
     """Write step_N.pt through a temporary file and os.replace, then prune all but the newest keep_last."""
-    target = atomic_write(checkpoint_dir(output_dir) / f"step_{step:08d}.pt", lambda tmp: torch.save(state, tmp))
+    # A full disk raises atomic_write's one-sentence WriteError; the previous checkpoints stay intact.
+    target = atomic_write(checkpoint_dir(output_dir) / f"step_{step:08d}.pt", lambda tmp: _write_torch(state, tmp))
     for old in list_checkpoints(output_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
     return target
@@ -73,9 +81,44 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
+def refuse_later_checkpoints(output_dir: str | Path, start_step: int) -> None:
+    """Starting below a checkpoint already in output_dir would prune the new run's checkpoints as 'older'."""
+    latest = latest_checkpoint(output_dir)
+    if latest is not None and int(_NAME.search(latest.name).group(1)) > start_step:
+        raise CheckpointError(f"output_dir '{output_dir}' holds a later checkpoint ({latest.name}) than this run "
+                              f"starts from (step {start_step}); use resume = \"auto\", choose another output_dir, "
+                              "or delete the later checkpoints")
+
+
+def restore(state: dict[str, Any], path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler) -> None:
+    """Load a training checkpoint into the run; a model file or another architecture is one clear sentence."""
+    missing = [key for key in ("model", "optimizer", "scaler", "rng", "step") if key not in state]
+    if missing:
+        raise CheckpointError(f"'{path}' is not a training checkpoint (no {missing[0]}); to start from its weights "
+                              "use init_from instead of resume")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()[0][:150]
+        raise CheckpointError(f"training checkpoint '{path}' does not fit this model ({first}); resume with the "
+                              "config that wrote it, or set resume = \"none\" with a new output_dir") from None
+    scaler.load_state_dict(state["scaler"])
+    restore_rng_state(state["rng"])
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint's content, after checking every zip member's CRC (damage is refused, never resumed)."""
+    try:
+        verify_zip(Path(path))
+    except CheckpointError as error:  # its sentence names the file already; say what to do about it here
+        damage = str(error).split(" (", 1)[-1].split(")")[0][:80]
+        raise CheckpointError(f"training checkpoint '{path}' is damaged ({damage}); delete it to resume from "
+                              "the previous one") from None
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, refused object: one clear sentence either way
-        raise CheckpointError(f"training checkpoint '{path}' cannot be read ({type(error).__name__}: {error}); "
+    except Exception as error:  # a refused object, or damage without a CRC: one clear sentence either way
+        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        raise CheckpointError(f"training checkpoint '{path}' cannot be read ({reason}); "
                               "delete it to resume from the previous one") from None

@@ -41,6 +41,11 @@ def pick_device(requested: str, world: World) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            from clipforge.errors import ClipforgeError
+
+            raise ClipforgeError(f"process LOCAL_RANK {world.local_rank} has no GPU of its own (this machine shows "
+                                 f"{torch.cuda.device_count()}); start at most that many processes per node")
         return torch.device("cuda", world.local_rank)
     return torch.device(requested)
 

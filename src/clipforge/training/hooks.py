@@ -27,28 +27,47 @@ def register_eval_hook(name: str) -> Callable[[Callable[..., EvalHook]], Callabl
     return decorator
 
 
-def build_eval_hooks(entries: list, *, model: CLIP, device: torch.device, seed: int) -> list[EvalHook]:
+def _parse_entry(entry: object) -> object:
+    """An EvalSpec for a spec entry, the name for a registered hook; ConfigError (one sentence) otherwise."""
     from clipforge.errors import ClipforgeError
     from clipforge.evaluation.runner import EvalSpec
 
+    try:
+        if isinstance(entry, dict):
+            return EvalSpec.from_dict(entry)
+        if isinstance(entry, str) and ":" in entry and entry.split(":", 1)[0] in ("zero_shot", "retrieval"):
+            return EvalSpec.parse(*entry.split(":", 1))
+        if isinstance(entry, str) and entry in _REGISTRY:
+            return entry
+    except ConfigError:
+        raise
+    except ClipforgeError as error:
+        raise ConfigError(f"training config field 'eval' entry {str(entry)[:80]!r}: {error}") from None
+    raise ConfigError(f"training config field 'eval' names unknown hook {str(entry)[:80]!r}; known hooks: "
+                      f"{', '.join(sorted(_REGISTRY))}, or 'zero_shot:NAME=PATH' / 'retrieval:NAME=PATH'")
+
+
+def check_eval_entries(entries: list) -> None:
+    """Called by the config check, so a typo in eval is named before the model is built or data read."""
+    for entry in entries:
+        _parse_entry(entry)
+
+
+def build_eval_hooks(entries: list, *, model: CLIP, device: torch.device, seed: int) -> list[EvalHook]:
+    from clipforge.errors import ClipforgeError
+
     hooks = []
     for entry in entries:
+        parsed = _parse_entry(entry)
+        if isinstance(parsed, str):
+            hooks.append(_REGISTRY[parsed](model=model, device=device, seed=seed))
+            continue
         try:
-            if isinstance(entry, dict):
-                spec = EvalSpec.from_dict(entry)
-                hooks.append(_spec_hook(spec, model, device))
-            elif isinstance(entry, str) and ":" in entry and entry.split(":", 1)[0] in ("zero_shot", "retrieval"):
-                task, text = entry.split(":", 1)
-                hooks.append(_spec_hook(EvalSpec.parse(task, text), model, device))
-            elif entry in _REGISTRY:
-                hooks.append(_REGISTRY[entry](model=model, device=device, seed=seed))
-            else:
-                raise ConfigError(f"training config field 'eval' names unknown hook {entry!r}; known hooks: "
-                                  f"{', '.join(sorted(_REGISTRY))}, or 'zero_shot:NAME=PATH' / 'retrieval:NAME=PATH'")
+            hooks.append(_spec_hook(parsed, model, device))
         except ConfigError:
             raise
         except ClipforgeError as error:
-            raise ConfigError(f"training config field 'eval' entry {entry!r}: {error}") from None
+            raise ConfigError(f"training config field 'eval' entry {str(entry)[:80]!r}: {error}") from None
     return hooks
 
 

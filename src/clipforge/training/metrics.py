@@ -9,10 +9,15 @@ from typing import Any
 
 
 class MetricsLogger:
-    """Only the main process writes; other ranks get a logger that does nothing."""
+    """Only the main process writes; other ranks get a logger that does nothing.
+
+    ``resumed_step``: the step the run continues from. TensorBoard then hides the events a killed
+    run logged after it (purge_step), as metrics.jsonl is cut there (run_files.truncate_metrics),
+    so no step appears twice.
+    """
 
     def __init__(self, output_dir: str | Path, enabled: bool, *, tensorboard: bool = True,
-                 wandb_project: str | None = None, config: dict[str, Any] | None = None):
+                 wandb_project: str | None = None, config: dict[str, Any] | None = None, resumed_step: int = 0):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._tensorboard = self._wandb = None
@@ -22,7 +27,9 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            folder = Path(output_dir) / "tensorboard"
+            purge = resumed_step + 1 if folder.is_dir() else None  # the first step this run logs
+            self._tensorboard = SummaryWriter(str(folder), purge_step=purge)
         if wandb_project:
             try:
                 import wandb
