@@ -127,7 +127,7 @@ def _fsync(path: Path) -> None:
         os.fsync(written.fileno())
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Make renames in folder durable (a no-op where folders cannot be opened)."""
     with contextlib.suppress(OSError):
         handle = os.open(folder, os.O_RDONLY)
@@ -161,7 +161,7 @@ def atomic_write(target: str | Path, write: Callable[[Path], None]) -> Path:
     finally:
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)
-    _fsync_folder(target.parent)
+    fsync_folder(target.parent)
     return target
 
 
@@ -204,7 +204,7 @@ def staged_folder(folder: str | Path, replaces: tuple[str, ...] = ()) -> Iterato
         if created and not done:
             with contextlib.suppress(OSError):
                 folder.rmdir()
-    _fsync_folder(folder)
+    fsync_folder(folder)
 
 
 def is_temp_file(path: str | Path) -> bool:

@@ -138,6 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub, gelu_help)
 
+    from clipforge.cli.embed_command import add_embed_parser
+
+    add_embed_parser(sub, gelu_help)
+
+    from clipforge.cli.serve_command import add_serve_parser
+
+    add_serve_parser(sub)
+
+    from clipforge.cli.index_command import add_index_parser
+    from clipforge.cli.search_command import add_search_parsers
+
+    add_index_parser(sub, gelu_help)
+    add_search_parsers(sub)
+
     sub.add_parser("make-shards", help="turn a CSV/TSV dataset into WebDataset tar shards "
                                        "(clipforge make-shards --help)")
     return parser
