@@ -32,11 +32,12 @@ def _rss_mib() -> float:
 
 def bench_embed(images: Path, model_name: str, batch_size: int, workers: int, precision: str) -> None:
     import clipforge
+    from clipforge.checkpoints import model_transform
     from clipforge.collection.embed import embed_collection
     from clipforge.collection.sources import open_source
 
     model = clipforge.create_model(model_name).eval()
-    preprocess = clipforge.model_transform(model.config)
+    preprocess = model_transform(model.config)
     source = open_source(images)
     count = len(source)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -76,7 +77,7 @@ def _clustered(count: int, dim: int, seed: int) -> np.ndarray:
     return np.concatenate(chunks)
 
 
-def bench_search(sizes: list[int], dim: int, queries: int, kinds: list[str]) -> None:
+def bench_search(sizes: list[int], dim: int, queries: int, kinds: list[str], wider: dict[str, int]) -> None:
     from clipforge.collection.index import build_index, load_index
     from clipforge.collection.layout import write_part
 
@@ -97,18 +98,21 @@ def bench_search(sizes: list[int], dim: int, queries: int, kinds: list[str]) -> 
                 build_index(emb, Path(tmp) / kind, kind=kind)
                 build = time.perf_counter() - start
                 index = load_index(Path(tmp) / kind)
-                index.search(probe[:1], 10)  # warm-up (mmap, faiss load)
-                start = time.perf_counter()
-                ids = np.concatenate([index.search(probe[q:q + 1], 10)[1] for q in range(len(probe))])
-                latency = (time.perf_counter() - start) / len(probe) * 1000
-                if kind == "exact":
-                    exact_ids = ids
-                recall = (np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact_ids)])
-                          if exact_ids is not None else float("nan"))
                 disk = sum(p.stat().st_size for p in (Path(tmp) / kind).rglob("*") if p.is_file()) / 2**20
-                print(f"| {count:,} | {kind} | {build:.1f} s | {disk:,.0f} MiB | {_rss_mib():,.0f} MiB | "
-                      f"{latency:.1f} ms | {recall:.3f} |")
-                sys.stdout.flush()
+                settings = [{}] + ([wider] if kind != "exact" and wider else [])
+                for options in settings:
+                    index.search(probe[:1], 10, **options)  # warm-up (mmap, faiss load)
+                    start = time.perf_counter()
+                    ids = np.concatenate([index.search(probe[q:q + 1], 10, **options)[1] for q in range(len(probe))])
+                    latency = (time.perf_counter() - start) / len(probe) * 1000
+                    if kind == "exact":
+                        exact_ids = ids
+                    recall = (np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact_ids)])
+                              if exact_ids is not None else float("nan"))
+                    label = kind + (" " + ", ".join(f"{k}={v}" for k, v in options.items()) if options else "")
+                    print(f"| {count:,} | {label} | {build:.1f} s | {disk:,.0f} MiB | {_rss_mib():,.0f} MiB | "
+                          f"{latency:.1f} ms | {recall:.3f} |")
+                    sys.stdout.flush()
 
 
 def main() -> int:
@@ -122,6 +126,8 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--kinds", nargs="+", default=["exact", "ivfpq"])
     parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--wider", default="nprobe=1024,rerank=64",
+                        help="search options for a second row per approximate index (key=value,...; '' for none)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -130,7 +136,8 @@ def main() -> int:
     if args.only in (None, "embed"):
         bench_embed(Path(args.images), args.model, args.batch_size, args.workers, args.precision)
     if args.only in (None, "search"):
-        bench_search(args.sizes, 512, args.queries, args.kinds)
+        wider = {k: int(v) for k, v in (item.split("=") for item in args.wider.split(",") if item)}
+        bench_search(args.sizes, 512, args.queries, args.kinds, wider)
     return 0
 
 

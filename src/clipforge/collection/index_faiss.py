@@ -19,7 +19,7 @@ FAISS_FILE = "faiss.index"
 APPROXIMATE_KINDS = ("ivfpq", "hnsw")
 MIN_IVFPQ = 1000  # fewer vectors cannot train the coarse and product quantizers (exact search is instant then)
 ADD_CHUNK = 65536
-DEFAULT_RERANK = 32  # candidates per wanted result that faiss proposes for exact rescoring (PQ ranks coarsely)
+DEFAULT_RERANK = 64  # candidates per wanted result that faiss proposes for exact rescoring (PQ ranks coarsely)
 HNSW_M = 32
 
 
@@ -43,7 +43,7 @@ def ivfpq_params(count: int, dim: int) -> dict[str, int]:
     target = max(1, dim // 8)
     pq_m = min((m for m in range(1, dim + 1) if dim % m == 0), key=lambda m: (abs(m - target), m))
     nbits = max(4, min(8, int(math.log2(max(count, 16) / 39))))
-    return {"nlist": nlist, "pq_m": pq_m, "nbits": nbits, "nprobe": max(1, min(nlist, round(nlist / 16) + 4))}
+    return {"nlist": nlist, "pq_m": pq_m, "nbits": nbits, "nprobe": max(1, min(nlist, round(nlist / 4) + 4))}  # recall@10 >= 0.95 at 1M (README)
 
 
 def build_faiss(vectors: np.ndarray, kind: str, *, seed: int = 0, nlist: int | None = None,
