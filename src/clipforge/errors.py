@@ -6,6 +6,13 @@ The CLI prints that sentence alone; ``--debug`` shows the traceback.
 """
 
 
+def shorten(value: object, limit: int = 120) -> str:
+    """``value`` as text on one line, at most ``limit`` characters, so a sentence quoting a user's
+    input (a path, a caption, a config value) stays one short line."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ClipforgeError(Exception):
     """Base class: a problem with the user's input, not a bug in clipforge."""
 

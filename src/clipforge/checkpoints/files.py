@@ -14,15 +14,15 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from clipforge.errors import CheckpointError
+from clipforge.errors import CheckpointError, shorten
 
 _FIX = "fix the file or download it again"
 _HUB_ID = re.compile(r"(\b[\w\-.]+\b/)?\b[\w\-.]{1,96}\b")  # huggingface_hub's validate_repo_id rule
 
 
 def cut(text: str, limit: int) -> str:
-    """text shortened to limit characters, '...' marking the cut."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """text on one line, shortened to limit characters, '...' marking the cut."""
+    return shorten(text, limit)
 
 
 def short(value: Any, limit: int = 40) -> str:

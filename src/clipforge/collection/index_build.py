@@ -35,21 +35,12 @@ from clipforge.collection.index import (
     load_index,
     model_spec,
 )
-from clipforge.errors import ClipforgeError
+from clipforge.collection.sources import printable
+from clipforge.errors import ClipforgeError, shorten
 
 COPY_ROWS = 65536  # rows gathered at once when assembling vectors.npy
 PART_ROWS = 10000  # rows per part of INDEX/embeddings (clipforge embed's default)
 SKIPS_KEPT = 50  # skipped files named in index.json
-
-
-def _short(path: Any) -> str:
-    text = str(path)
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _printable(text: str) -> str:
-    """A path with undecodable bytes (surrogates) escaped, as clipforge embed stores it: parquet holds UTF-8."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def is_embeddings_folder(folder: Path) -> bool:
@@ -59,19 +50,19 @@ def is_embeddings_folder(folder: Path) -> bool:
 
 def _check_paths(source: Path, target: Path) -> None:
     if not source.exists():
-        raise ClipforgeError(f"source '{_short(source)}' does not exist; pass an image folder or an embeddings "
+        raise ClipforgeError(f"source '{shorten(source)}' does not exist; pass an image folder or an embeddings "
                              "folder written by clipforge embed")
     if not source.is_dir():
-        raise ClipforgeError(f"source '{_short(source)}' is a file; pass an image folder or an embeddings folder "
+        raise ClipforgeError(f"source '{shorten(source)}' is a file; pass an image folder or an embeddings folder "
                              "written by clipforge embed")
     src, dst = source.resolve(), target.resolve()
     if src == dst or dst in src.parents:
-        raise ClipforgeError(f"index folder '{_short(target)}' is the source '{_short(source)}' or holds it, and "
+        raise ClipforgeError(f"index folder '{shorten(target)}' is the source '{shorten(source)}' or holds it, and "
                              "would be replaced; write the index to another folder")
     if target.is_file() or target.is_symlink() and not target.is_dir():
-        raise ClipforgeError(f"index destination '{_short(target)}' is a file; name a folder")
+        raise ClipforgeError(f"index destination '{shorten(target)}' is a file; name a folder")
     if target.is_dir() and not (target / INFO_FILE).exists() and any(target.iterdir()):
-        raise ClipforgeError(f"folder '{_short(target)}' is not empty and is not a clipforge index, so it will not be "
+        raise ClipforgeError(f"folder '{shorten(target)}' is not empty and is not a clipforge index, so it will not be "
                              "replaced; choose a new or empty folder")
 
 
@@ -127,10 +118,10 @@ def _from_images(source: Path, target: Path, spec: dict | None, *, incremental: 
     from clipforge.collection.sources import ImageFolderSource
 
     if spec is None:
-        raise ClipforgeError(f"'{_short(source)}' is an image folder, so indexing it needs a model to embed the "
+        raise ClipforgeError(f"'{shorten(source)}' is an image folder, so indexing it needs a model to embed the "
                              "images; pass --model (a checkpoint, a released name such as ViT-B-32, or ARCH/TAG)")
     paths = ImageFolderSource(source).paths
-    names = [_printable(path) for path in paths]  # as stored in items.parquet (valid UTF-8)
+    names = [printable(path) for path in paths]  # as stored in items.parquet (valid UTF-8)
     stats: list[tuple[int, float] | None] = []
     for path in paths:
         try:
@@ -151,7 +142,7 @@ def _from_images(source: Path, target: Path, spec: dict | None, *, incremental: 
                 reuse[i] = entry[0]
         removed = len(known) - len(set(names) & known.keys())
     todo = np.flatnonzero(reuse < 0)
-    say(f"{len(paths)} images in '{_short(source)}': {len(paths) - todo.size} unchanged, {todo.size} to embed"
+    say(f"{len(paths)} images in '{shorten(source)}': {len(paths) - todo.size} unchanged, {todo.size} to embed"
         + (f", {removed} gone since the last build" if old is not None else ""))
     embedded = np.zeros((0, old.embed_dim if old is not None else 0), np.float32)
     got = np.full(len(paths), -1, np.int64)
@@ -163,7 +154,7 @@ def _from_images(source: Path, target: Path, spec: dict | None, *, incremental: 
 
         model, preprocess = load_model(spec, device)
         if preprocess is None:
-            raise ClipforgeError(f"model '{_short(spec['source'])}' has no image tower, so it cannot index images; "
+            raise ClipforgeError(f"model '{shorten(spec['source'])}' has no image tower, so it cannot index images; "
                                  "pass a CLIP model with one")
         kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
         if "progress" in inspect.signature(embed_image_files).parameters:
@@ -179,7 +170,7 @@ def _from_images(source: Path, target: Path, spec: dict | None, *, incremental: 
                                  f"{old.embed_dim}; rebuild without incremental reuse")
     keep = np.flatnonzero((reuse >= 0) | (got >= 0))
     if keep.size == 0:
-        raise ClipforgeError(f"none of the {len(paths)} images in '{_short(source)}' could be read "
+        raise ClipforgeError(f"none of the {len(paths)} images in '{shorten(source)}' could be read "
                              f"({len(skipped)} skipped); check the files")
     rows = [{"image_path": names[i], "caption": None, "size": stats[i][0] if stats[i] else None,  # type: ignore[index]
              "mtime": stats[i][1] if stats[i] else None} for i in keep]  # type: ignore[index]
@@ -295,7 +286,7 @@ def build(source: Any, index_dir: Any, *, model: Any, pretrained: Any, quick_gel
     if from_embeddings:
         vectors, items, spec = _read_embeddings_source(source_path, spec)
         plan = None
-        say(f"{vectors.shape[0]} embeddings of {vectors.shape[1]} dimensions in '{_short(source_path)}'")
+        say(f"{vectors.shape[0]} embeddings of {vectors.shape[1]} dimensions in '{shorten(source_path)}'")
     else:
         plan = _from_images(source_path, target, spec, incremental=incremental, batch_size=batch_size,
                             num_workers=num_workers, device=device, dtype=dtype, say=say, log_progress=log is not None)
@@ -350,11 +341,11 @@ def _read_embeddings_source(folder: Path, spec: dict | None) -> tuple[np.ndarray
 
     vectors, table = read_embeddings(folder, "img", dtype=None)
     if vectors.ndim != 2 or vectors.shape[0] == 0:
-        raise ClipforgeError(f"embeddings folder '{_short(folder)}' holds no image embeddings; run clipforge embed "
+        raise ClipforgeError(f"embeddings folder '{shorten(folder)}' holds no image embeddings; run clipforge embed "
                              "on images into it")
     vectors = np.ascontiguousarray(vectors, dtype=np.float16)
     if not np.isfinite(vectors).all():
-        raise ClipforgeError(f"embeddings folder '{_short(folder)}' holds NaN or infinite values; embed it again")
+        raise ClipforgeError(f"embeddings folder '{shorten(folder)}' holds NaN or infinite values; embed it again")
     if spec is None and (folder / INFO_NAME).is_file():
         info = EmbedInfo.read(folder)
         if info.model:

@@ -14,9 +14,7 @@ from clipforge.collection.sources import (
     Loaded,
     Source,
     Unusable,
-    _caption_problem,
-    _printable,
-    _short,
+    printable,
 )
 from clipforge.data.skips import (
     CORRUPT_SHARD,
@@ -26,7 +24,8 @@ from clipforge.data.skips import (
     UNREADABLE_IMAGE,
     SkipRecord,
 )
-from clipforge.errors import ClipforgeError
+from clipforge.data.csv_dataset import caption_problem
+from clipforge.errors import ClipforgeError, shorten
 
 __all__ = ["WebDatasetSource"]
 
@@ -55,9 +54,9 @@ class WebDatasetSource(Source):
         self.kinds = ("img", "text") if self.caption_key else ("img",)
         urls = expand_shards(pattern)
         if not urls:
-            raise ClipforgeError(f"'{_short(pattern)}' names no shards; use e.g. 'shards/{{00000..00009}}.tar'")
+            raise ClipforgeError(f"'{shorten(pattern)}' names no shards; use e.g. 'shards/{{00000..00009}}.tar'")
         if any("://" in u and not u.startswith("file://") for u in urls):
-            raise ClipforgeError(f"'{_short(pattern)}' names remote shards; clipforge embed reads local .tar files, "
+            raise ClipforgeError(f"'{shorten(pattern)}' names remote shards; clipforge embed reads local .tar files, "
                                  "so download them first")
         self.shards = [os.path.abspath(u.removeprefix("file://")) for u in urls]
         self.samples: list[tuple[int, str, dict[str, _Member]]] = []
@@ -65,8 +64,8 @@ class WebDatasetSource(Source):
             self._index(number, shard)
         if not self.samples:
             first = self.listing_skips[0] if self.listing_skips else None
-            why = f" ({first.reason}: {_short(first.detail)})" if first else ""
-            raise ClipforgeError(f"the {len(self.shards)} shard(s) of '{_short(pattern)}' hold no samples{why}; "
+            why = f" ({first.reason}: {shorten(first.detail)})" if first else ""
+            raise ClipforgeError(f"the {len(self.shards)} shard(s) of '{shorten(pattern)}' hold no samples{why}; "
                                  "check the path and pattern")
 
     def _index(self, number: int, shard: str) -> None:
@@ -83,7 +82,7 @@ class WebDatasetSource(Source):
             self.listing_skips.append(SkipRecord(0, shard, MISSING_SHARD, error.strerror or str(error)))
             return
         if head[:2] == b"\x1f\x8b" or head == b"BZh" or head[:3] == b"\xfd7z":
-            raise ClipforgeError(f"shard '{_short(shard)}' is compressed; clipforge embed reads uncompressed .tar "
+            raise ClipforgeError(f"shard '{shorten(shard)}' is compressed; clipforge embed reads uncompressed .tar "
                                  "shards (as img2dataset and make-shards write them)")
         current: tuple[str, dict[str, _Member]] | None = None
         try:
@@ -132,11 +131,11 @@ class WebDatasetSource(Source):
         if text:
             if caption_member is None:
                 raise Unusable(MISSING_CAPTION, f"no .{self.caption_key} member")
-            problem = _caption_problem(caption)
+            problem = caption_problem(caption)
             if problem is not None:
-                raise Unusable(problem, f"caption {_printable(caption or '')!r}")
+                raise Unusable(problem, f"caption {printable(caption or '')!r}")
         image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
-        row: dict[str, Any] = {"image_path": None, "caption": _printable(caption) if caption is not None else None,
+        row: dict[str, Any] = {"image_path": None, "caption": printable(caption) if caption is not None else None,
                                "size": None, "mtime": None}
         pixels = None
         if image:
@@ -149,5 +148,5 @@ class WebDatasetSource(Source):
                 pixels = opened
             except Exception as error:  # noqa: BLE001 (Pillow raises many types for bad bytes)
                 raise Unusable(UNREADABLE_IMAGE, f"{member.name}: {type(error).__name__}: {error}") from None
-            row.update(image_path=_printable(f"{shard}/{member.name}"), size=member.size, mtime=member.mtime)
+            row.update(image_path=printable(f"{shard}/{member.name}"), size=member.size, mtime=member.mtime)
         return Loaded(pixels, caption, row)

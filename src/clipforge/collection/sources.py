@@ -28,7 +28,8 @@ from clipforge.data.skips import (
     UNREADABLE_IMAGE,
     SkipRecord,
 )
-from clipforge.errors import ClipforgeError, ImageError
+from clipforge.data.csv_dataset import caption_problem
+from clipforge.errors import ClipforgeError, shorten, ImageError
 from clipforge.transforms import load_image
 
 __all__ = ["IMAGE_SUFFIXES", "ImageFolderSource", "ImageListSource", "Loaded", "Source", "TableSource",
@@ -56,20 +57,9 @@ class Loaded:
     row: dict[str, Any]
 
 
-def _short(text: Any, longest: int = 120) -> str:
-    text = str(text)
-    return text if len(text) <= longest else text[:longest - 3] + "..."
-
-
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """A name with undecodable bytes (surrogates) escaped: parquet and JSON hold only valid UTF-8."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _caption_problem(caption: str | None) -> str | None:
-    from clipforge.data.csv_dataset import caption_problem
-
-    return caption_problem(caption)
 
 
 class Source:
@@ -106,12 +96,12 @@ def _stat_file(path: str) -> os.stat_result:
         result = os.stat(path)
     except FileNotFoundError:
         dangling = os.path.islink(path)
-        raise Unusable(MISSING_FILE, f"{_printable(path)}: {'dangling symbolic link' if dangling else 'no such file'}")
+        raise Unusable(MISSING_FILE, f"{printable(path)}: {'dangling symbolic link' if dangling else 'no such file'}")
     except OSError as error:
         what = "symbolic link loop" if error.errno == errno.ELOOP else (error.strerror or str(error))
-        raise Unusable(MISSING_FILE if error.errno == errno.ELOOP else UNREADABLE_IMAGE, f"{_printable(path)}: {what}")
+        raise Unusable(MISSING_FILE if error.errno == errno.ELOOP else UNREADABLE_IMAGE, f"{printable(path)}: {what}")
     if not os.path.isfile(path):
-        raise Unusable(UNREADABLE_IMAGE, f"{_printable(path)}: not a regular file")
+        raise Unusable(UNREADABLE_IMAGE, f"{printable(path)}: not a regular file")
     return result
 
 
@@ -121,7 +111,7 @@ def _load_file(path: str) -> tuple[Image.Image, dict[str, Any]]:
         image = load_image(path)
     except ImageError as error:
         raise Unusable(UNREADABLE_IMAGE if os.path.exists(path) else MISSING_FILE, str(error)) from None
-    return image, {"image_path": _printable(path), "size": stat.st_size, "mtime": stat.st_mtime}
+    return image, {"image_path": printable(path), "size": stat.st_size, "mtime": stat.st_mtime}
 
 
 class ImageListSource(Source):
@@ -159,7 +149,7 @@ class ImageFolderSource(ImageListSource):
             found += [os.path.relpath(os.path.join(parent, f), root) for f in files
                       if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
         if not found:
-            raise ClipforgeError(f"folder '{_short(root)}' holds no image files ({', '.join(IMAGE_SUFFIXES)}); "
+            raise ClipforgeError(f"folder '{shorten(root)}' holds no image files ({', '.join(IMAGE_SUFFIXES)}); "
                                  "pass a folder of images, a CSV/TSV table or .tar shards")
         super().__init__([os.path.join(root, rel) for rel in sorted(found)], spec=root)
         self.root = root
@@ -173,9 +163,9 @@ def _read_table(path: Path, separator: str) -> tuple[list[str], list[tuple[int, 
         try:
             header = [h.strip() for h in next(reader)]
         except StopIteration:
-            raise ClipforgeError(f"table '{_short(path)}' is empty; it needs a header row naming its columns") from None
+            raise ClipforgeError(f"table '{shorten(path)}' is empty; it needs a header row naming its columns") from None
         except csv.Error as error:
-            raise ClipforgeError(f"table '{_short(path)}': cannot parse the header row ({error})") from None
+            raise ClipforgeError(f"table '{shorten(path)}': cannot parse the header row ({error})") from None
         while True:
             line = reader.line_num + 1
             try:
@@ -205,7 +195,7 @@ class TableSource(Source):
         self.path = Path(path)
         if not self.path.is_file():
             what = "is a folder" if self.path.is_dir() else "does not exist"
-            raise ClipforgeError(f"table '{_short(path)}' {what}; pass a CSV or TSV file with a header row")
+            raise ClipforgeError(f"table '{shorten(path)}' {what}; pass a CSV or TSV file with a header row")
         self.table = os.path.abspath(self.path)
         sep = separator or ("\t" if self.path.suffix.lower() in (".tsv", ".tab") else ",")
         header, rows = _read_table(self.path, sep)
@@ -214,20 +204,20 @@ class TableSource(Source):
             if image_column is None:
                 image_column = next((c for c in IMAGE_COLUMNS if c in header), None)
                 if image_column is None:
-                    raise ClipforgeError(f"table '{_short(path)}' has none of the usual image columns "
+                    raise ClipforgeError(f"table '{shorten(path)}' has none of the usual image columns "
                                          f"({', '.join(IMAGE_COLUMNS)}); its header has {columns}: pass "
                                          "--image-column NAME")
             elif image_column not in header:
-                raise ClipforgeError(f"--image-column '{image_column}' is not a column of '{_short(path)}'; its "
+                raise ClipforgeError(f"--image-column '{image_column}' is not a column of '{shorten(path)}'; its "
                                      f"header has {columns}")
         if caption_column is not None and caption_column not in header:
-            raise ClipforgeError(f"--caption-column '{caption_column}' is not a column of '{_short(path)}'; its "
+            raise ClipforgeError(f"--caption-column '{caption_column}' is not a column of '{shorten(path)}'; its "
                                  f"header has {columns}")
         if not images and caption_column is None:
-            raise ClipforgeError(f"texts from the table '{_short(path)}' need --caption-column naming the text "
+            raise ClipforgeError(f"texts from the table '{shorten(path)}' need --caption-column naming the text "
                                  f"column; its header has {columns}")
         if image_root is not None and not os.path.isdir(image_root):
-            raise ClipforgeError(f"--image-root '{_short(image_root)}' is not a folder; point it at the folder the "
+            raise ClipforgeError(f"--image-root '{shorten(image_root)}' is not a folder; point it at the folder the "
                                  "image paths are relative to")
         folder = os.path.abspath(image_root) if image_root is not None else os.path.dirname(self.table)
         image_at = header.index(image_column) if images else None
@@ -244,7 +234,7 @@ class TableSource(Source):
             self.captions.append(row[caption_at] if row is not None and caption_at is not None
                                  and caption_at < len(row) else None)
         if not self.lines:
-            raise ClipforgeError(f"table '{_short(path)}' has a header but no rows")
+            raise ClipforgeError(f"table '{shorten(path)}' has a header but no rows")
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -255,10 +245,10 @@ class TableSource(Source):
     def load(self, index: int, image: bool, text: bool) -> Loaded:
         caption = self.captions[index]
         if text:
-            problem = _caption_problem(caption)
+            problem = caption_problem(caption)
             if problem is not None:
                 raise Unusable(problem, f"caption {caption!r}" if caption is not None else "no caption field")
-        row: dict[str, Any] = {"image_path": None, "caption": _printable(caption) if caption is not None else None,
+        row: dict[str, Any] = {"image_path": None, "caption": printable(caption) if caption is not None else None,
                                "size": None, "mtime": None}
         pixels = None
         if image:
@@ -282,12 +272,12 @@ class TextFileSource(Source):
         super().__init__(os.fspath(path))
         if not os.path.isfile(path):
             what = "is a folder" if os.path.isdir(path) else "does not exist"
-            raise ClipforgeError(f"text file '{_short(path)}' {what}; pass a file with one text per line")
+            raise ClipforgeError(f"text file '{shorten(path)}' {what}; pass a file with one text per line")
         self.file = os.path.abspath(path)
         with open(path, encoding="utf-8-sig", errors="surrogateescape", newline=None) as f:
             self.texts = f.read().splitlines()
         if not self.texts:
-            raise ClipforgeError(f"text file '{_short(path)}' is empty; it needs one text per line")
+            raise ClipforgeError(f"text file '{shorten(path)}' is empty; it needs one text per line")
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -297,9 +287,9 @@ class TextFileSource(Source):
 
     def load(self, index: int, image: bool = False, text: bool = True) -> Loaded:
         caption = self.texts[index]
-        problem = _caption_problem(caption)
+        problem = caption_problem(caption)
         if problem is not None:
-            raise Unusable(problem, f"line {index + 1}: {_printable(caption)!r}")
+            raise Unusable(problem, f"line {index + 1}: {printable(caption)!r}")
         return Loaded(None, caption, {"image_path": None, "caption": caption, "size": None, "mtime": None})
 
 
@@ -311,7 +301,7 @@ def open_source(spec: str | os.PathLike, *, texts: bool = False, image_column: s
                 caption_column: str | None = None, image_root: str | os.PathLike | None = None) -> Source:
     """The source ``spec`` names: a folder, a CSV/TSV table, shards, or (``texts``) a text file or table column."""
     spec = os.fspath(spec)
-    shown = _short(spec)
+    shown = shorten(spec)
     is_table = Path(spec).suffix.lower() in TABLE_SUFFIXES
     if texts:
         if image_column is not None or image_root is not None:

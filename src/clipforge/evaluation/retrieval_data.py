@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from clipforge.errors import ClipforgeError
+from clipforge.errors import shorten as short  # re-exported: the eval modules and commands quote inputs with it
 from clipforge.transforms import load_image
 
 __all__ = ["RETRIEVAL_FORMATS", "RetrievalDataset", "load_retrieval", "file_fingerprint", "read_text", "resolved", "short"]
@@ -67,12 +68,6 @@ class RetrievalDataset(torch.utils.data.Dataset):
     def path_of(self, i: int) -> str:
         """The image file of item ``i``, so a skipped item can be named."""
         return self.image_paths[i]
-
-
-def short(value: object, limit: int = 120) -> str:
-    """``value`` as text cut to ``limit`` characters, so an error quoting a user's input stays one short line."""
-    text = " ".join(str(value).split())  # no newline from the input may split the sentence
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def resolved(path: str | os.PathLike, what: str) -> Path:

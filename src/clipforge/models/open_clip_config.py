@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from clipforge.errors import ConfigError
+from clipforge.errors import ConfigError, shorten
 from clipforge.models.config import ModelConfig, config_from_dict
 from clipforge.transforms.image import preprocess_kwargs
 
@@ -34,8 +34,7 @@ _TEXT_OPTIONS = ("ls_init_value", "no_causal_mask", "pool_type", "eos_id", "pad_
 
 def _short(value: Any, limit: int = 40) -> str:
     """repr(value) on one line and at most limit characters: a message never echoes a huge value."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shorten(repr(value), limit)
 
 
 def _refuse(where: str, value: Any, why: str) -> ConfigError:
