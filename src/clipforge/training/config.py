@@ -20,6 +20,8 @@ from typing import Any
 from clipforge.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")
+STATE_DTYPES = ("fp32", "bf16")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -66,6 +68,12 @@ class TrainConfig:
     tensorboard: bool = True  # write output_dir/tensorboard
     wandb_project: str | None = None  # log to this Weights & Biases project (needs wandb installed)
     progress: bool = True  # a progress bar on a terminal (otherwise, and when false, one line per log step)
+    strategy: str = "ddp"  # several processes: ddp (replicated weights) or fsdp (FSDP2: sharded weights/grads/state)
+    fsdp_reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (less memory, more traffic)
+    compile: bool = False  # torch.compile the model for the training step (falls back to eager with a warning)
+    optimizer_state_dtype: str = "fp32"  # Adam moments in fp32 or bf16 (the paper's half-precision Adam statistics)
+    text_weights_dtype: str = "fp32"  # text tower stored in fp32 or bf16 (updated with stochastic rounding)
+    remote_sync: str | None = None  # fsspec URL (s3://, gs://, file://...): checkpoints and run files copied there
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,6 +188,17 @@ def _validate(config: TrainConfig) -> TrainConfig:
         raise _fail("seed", f"must be in [0, 2**63), got {config.seed}")
     if config.precision not in PRECISIONS:
         raise _fail("precision", f"must be one of {', '.join(PRECISIONS)}, got {_show(config.precision)}")
+    if config.strategy not in STRATEGIES:
+        raise _fail("strategy", f"must be one of {', '.join(STRATEGIES)}, got {_show(config.strategy)}")
+    for name in ("optimizer_state_dtype", "text_weights_dtype"):
+        if getattr(config, name) not in STATE_DTYPES:
+            raise _fail(name, f"must be fp32 or bf16, got {_show(getattr(config, name))}")
+    if config.strategy == "fsdp" and config.text_weights_dtype == "bf16":
+        raise _fail("text_weights_dtype", "bf16 cannot be combined with strategy = \"fsdp\" (FSDP already shards the "
+                                          "weights and keeps bf16 compute copies); use one of the two")
+    if config.remote_sync is not None and "://" not in config.remote_sync:
+        raise _fail("remote_sync", f"must be a URL such as \"s3://bucket/runs/my-run\" or \"file:///mnt/backup/run\", "
+                                   f"got {_show(config.remote_sync)}")
     if not config.output_dir.strip():
         raise _fail("output_dir", "cannot be empty; give a folder such as output_dir = \"runs/my-run\"")
     _check_device(config.device)
