@@ -36,6 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from clipforge.data.csv_dataset import BadSample, CsvSource
+from clipforge.data.shard_lists import check_source_fields
 from clipforge.data.skips import UNREADABLE_IMAGE, SkipRecord, count_reasons, format_counts
 from clipforge.data.synthetic import EVAL_OFFSET, SyntheticCaptions
 from clipforge.errors import ClipforgeError, ConfigError
@@ -72,6 +73,9 @@ class DataConfig:
     split_column: str = "split"
     resize_ratio: float = 1.0  # train crop: shorter side resized to ratio * image_size, then a random square crop
     seed: int = 0  # synthetic content seed
+    resampled: bool = False  # webdataset: draw shards with replacement, forever (open_clip's --dataset-resampled)
+    upsampling_factors: list[float] | str | None = None  # resampled: weight per '::' source, e.g. "1::2" or [1, 2]
+    source_names: list[str] | str | None = None  # webdataset: names in Batch.source_counts (default source0, ...)
 
     def __post_init__(self) -> None:
         if self.type not in TYPES:
@@ -105,6 +109,8 @@ class DataConfig:
                 or not 1.0 <= self.resize_ratio <= 4.0:
             raise ConfigError(f"data.resize_ratio must be a number in [1, 4] (1 = crop only along the longer "
                               f"side), got {self.resize_ratio!r}")
+        self.resampled, self.upsampling_factors, self.source_names = check_source_fields(
+            self.type, self.path, self.resampled, self.upsampling_factors, self.source_names)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
@@ -130,6 +136,8 @@ class Batch:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count of ``skips``
     skips: list[SkipRecord] = field(default_factory=list)  # bad samples this batch reports (see module doc)
     unused: int = 0  # good samples cut so that every rank's batch has the same size
+    source_counts: dict[str, int] = field(default_factory=dict)  # webdataset: samples per source name
+    position: dict[str, Any] | None = None  # webdataset: the stream after this batch (resume); None: map-style
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -140,8 +148,11 @@ class TrainData:
 
     steps_per_epoch: int
 
-    def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        """This rank's share of each global batch of ``epoch``, from ``start_step`` on."""
+    def batches(self, epoch: int, start_step: int = 0, position: dict[str, Any] | None = None) -> Iterator[Batch]:
+        """This rank's share of each global batch of ``epoch``, from ``start_step`` on.
+
+        ``position``: ``Batch.position`` of batch ``start_step - 1`` (streamed sources need it to resume exactly).
+        """
         raise NotImplementedError
 
 
@@ -306,8 +317,11 @@ class MapTrainData(TrainData):
         return _StepSampler(self.usable[permutation], epoch, start_step, self.steps_per_epoch,
                             self.global_batch_size, self.local_batch_size, self.rank, self.world_size)
 
-    def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        """Under torch.distributed every rank must iterate this in step (one all_reduce per batch)."""
+    def batches(self, epoch: int, start_step: int = 0, position: dict[str, Any] | None = None) -> Iterator[Batch]:
+        """Under torch.distributed every rank must iterate this in step (one all_reduce per batch).
+
+        ``position`` is ignored: step ``start_step`` alone pins a map-style batch down.
+        """
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
         if start_step >= self.steps_per_epoch:

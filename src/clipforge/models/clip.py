@@ -226,6 +226,8 @@ class CLIP(nn.Module):
             features = self.text_projection(features)
         elif self.text_projection is not None:
             features = features @ self.text_projection
+        if dtype != self.dtype:  # a bf16 text tower in a float32 model (text_weights_dtype): the loss stays float32
+            features = features.to(self.dtype)
         return F.normalize(features, dim=-1) if normalize else features
 
     def logit_scale_value(self) -> torch.Tensor:

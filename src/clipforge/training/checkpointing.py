@@ -3,22 +3,30 @@
 A checkpoint holds everything needed to continue bit-for-bit: model, optimiser, scaler, the
 step/epoch position in the data, RNG states, and the counters of the run. It is a plain dict
 of tensors and numbers, readable with ``torch.load(weights_only=True)`` and by ``clipforge.load``.
+
+An FSDP run writes the same step_N.pt and, beside it, step_N.dcp/: the model and optimiser as
+per-rank shards (torch.distributed.checkpoint) plus ``train_state.pt``, the rest of the checkpoint.
+An FSDP resume reads the folder when it is complete; anything else reads the .pt. The folder is
+written under a temporary name and renamed once every rank is done; it is pruned with its .pt.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from clipforge.checkpoints.atomic import atomic_write
+from clipforge.checkpoints.atomic import TEMP_MARK, atomic_write
 from clipforge.checkpoints.weights import verify_zip
 from clipforge.errors import CheckpointError
 
 _NAME = re.compile(r"step_(\d+)\.pt$")
+SHARDED_STATE = "train_state.pt"  # in step_N.dcp/: everything of step_N.pt but the model and optimiser
+WEIGHT_KEYS = ("model", "optimizer")
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -56,12 +64,50 @@ def _write_torch(state: dict[str, Any], path: Path) -> None:
         torch.save(state, handle)
 
 
-def save_checkpoint(state: dict[str, Any], output_dir: str | Path, step: int, keep_last: int) -> Path:
-    """Write step_N.pt through a temporary file and os.replace, then prune all but the newest keep_last."""
+def sharded_path(checkpoint: str | Path) -> Path:
+    """step_N.dcp beside step_N.pt."""
+    return Path(checkpoint).with_suffix(".dcp")
+
+
+def sharded_staging(output_dir: str | Path, step: int) -> Path:
+    """Where step_N.dcp is written before its rename: a name remove_stale_temp_files clears after a kill."""
+    return checkpoint_dir(output_dir) / f".step_{step:08d}.dcp{TEMP_MARK}dcpstage"
+
+
+def is_complete_sharded(folder: Path) -> bool:
+    return (folder / ".metadata").is_file() and (folder / SHARDED_STATE).is_file()
+
+
+def save_checkpoint(state: dict[str, Any], output_dir: str | Path, step: int, keep_last: int,
+                    sharded: bool = False) -> Path:
+    """Write step_N.pt through a temporary file and os.replace, then prune all but the newest keep_last.
+
+    ``sharded``: also start step_N.dcp's staging folder with train_state.pt; the ranks add their shards.
+    """
     # A full disk raises atomic_write's one-sentence WriteError; the previous checkpoints stay intact.
     target = atomic_write(checkpoint_dir(output_dir) / f"step_{step:08d}.pt", lambda tmp: _write_torch(state, tmp))
+    shutil.rmtree(sharded_path(target), ignore_errors=True)  # another run's: it would shadow this .pt
+    if sharded:
+        stage = sharded_staging(output_dir, step)
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        rest = {key: value for key, value in state.items() if key not in WEIGHT_KEYS}
+        atomic_write(stage / SHARDED_STATE, lambda tmp: _write_torch(rest, tmp))
+    kept = list_checkpoints(output_dir)[-keep_last:]
     for old in list_checkpoints(output_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
+    kept_names = {sharded_path(path).name for path in kept}
+    for folder in checkpoint_dir(output_dir).glob("step_*.dcp"):
+        if folder.name not in kept_names:
+            shutil.rmtree(folder, ignore_errors=True)
+    return target
+
+
+def publish_sharded(output_dir: str | Path, step: int) -> Path:
+    """Rename the finished staging folder to step_N.dcp (main process, after every rank wrote its shards)."""
+    target = sharded_path(checkpoint_dir(output_dir) / f"step_{step:08d}.pt")
+    shutil.rmtree(target, ignore_errors=True)
+    sharded_staging(output_dir, step).rename(target)
     return target
 
 
@@ -90,16 +136,25 @@ def refuse_later_checkpoints(output_dir: str | Path, start_step: int) -> None:
                               "or delete the later checkpoints")
 
 
+def _load_plain(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+
+
 def restore(state: dict[str, Any], path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler) -> None:
-    """Load a training checkpoint into the run; a model file or another architecture is one clear sentence."""
-    missing = [key for key in ("model", "optimizer", "scaler", "rng", "step") if key not in state]
+            scaler: torch.amp.GradScaler, load_weights: Callable[..., None] = _load_plain,
+            required: tuple[str, ...] = WEIGHT_KEYS) -> None:
+    """Load a training checkpoint into the run; a model file or another architecture is one clear sentence.
+
+    ``load_weights(state, model, optimizer)`` puts the weights in (FSDP: shards them, or reads step_N.dcp);
+    ``required``: the weight keys state itself must hold (none for step_N.dcp's train_state.pt).
+    """
+    missing = [key for key in (*required, "scaler", "rng", "step") if key not in state]
     if missing:
         raise CheckpointError(f"'{path}' is not a training checkpoint (no {missing[0]}); to start from its weights "
                               "use init_from instead of resume")
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_weights(state, model, optimizer)
     except (RuntimeError, ValueError, KeyError) as error:
         first = str(error).strip().splitlines()[0][:150]
         raise CheckpointError(f"training checkpoint '{path}' does not fit this model ({first}); resume with the "

@@ -29,13 +29,16 @@ from clipforge.errors import ClipforgeError
 from clipforge.models import CLIP, create_model
 from clipforge.models.clip import MAX_LOGIT_SCALE
 from clipforge.training import checkpointing as ckpt
-from clipforge.training import run_files
+from clipforge.training import remote_sync, run_files
+from clipforge.training.compile_step import compiled_training_step
 from clipforge.training.config import TrainConfig
 from clipforge.training.distributed import World, all_reduce_mean, cleanup, init_distributed, pick_device, world_from_env
 from clipforge.training.grad_cache import contrastive_step
 from clipforge.training.hooks import build_eval_hooks
+from clipforge.training.low_precision import cast_text_tower
 from clipforge.training.metrics import MetricsLogger, plot_training_curves, read_metrics
 from clipforge.training.optim import cosine_with_warmup, make_optimizer, paper_betas_eps, set_lr
+from clipforge.training.parallel import Parallel
 from clipforge.training.signals import StopSignals
 from clipforge.training.summary import Progress, format_eval, print_summary, say
 
@@ -51,6 +54,8 @@ def build_model(config: TrainConfig, device: torch.device) -> CLIP:
     else:
         model = create_model(config.model)
     model = model.float().train()
+    if config.text_weights_dtype == "bf16":  # the paper's bf16 text tower, updated by stochastic rounding
+        cast_text_tower(model, torch.bfloat16)
     if config.lock_image:
         model.visual.requires_grad_(False)
     if config.lock_text:
@@ -70,15 +75,35 @@ def _autocast(precision: str, device: torch.device) -> Callable[[], contextlib.A
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def _training_state(model: CLIP, optimizer, scaler, config: TrainConfig, counters: dict[str, Any],
+def _training_state(model: CLIP, weights: tuple[dict, dict], scaler, config: TrainConfig, counters: dict[str, Any],
                     skips: _Skips) -> dict[str, Any]:
-    return {"config": model.config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    """``weights``: the model's and optimiser's plain state dicts (Parallel.weights)."""
+    return {"config": model.config.to_dict(), "model": weights[0], "optimizer": weights[1],
             "scaler": scaler.state_dict(), "train_config": config.to_dict(), "rng": ckpt.rng_state(), **counters,
             "skipped": skips.counts(), "skip_state": skips.state_dict()}
 
 
 def _new_counters() -> dict[str, Any]:
-    return {"step": 0, "epoch": 0, "step_in_epoch": 0, "skipped": {}, "bad_steps": 0, "nonfinite_steps": 0}
+    # data_positions: each rank's stream position after the last step (WebDataset resumes exactly from it);
+    # source_samples: good samples trained on per data source, summed over ranks
+    return {"step": 0, "epoch": 0, "step_in_epoch": 0, "skipped": {}, "bad_steps": 0, "nonfinite_steps": 0,
+            "data_positions": None, "source_samples": {}}
+
+
+def _gather_positions(position: dict[str, Any] | None, world: World) -> list[dict[str, Any] | None]:
+    """Every rank's data position (a collective), so that rank 0's checkpoint can resume each rank exactly."""
+    if not world.distributed:
+        return [position]
+    gathered: list[dict[str, Any] | None] = [None] * world.world_size
+    dist.all_gather_object(gathered, position)
+    return gathered
+
+
+def _my_position(counters: dict[str, Any], world: World) -> dict[str, Any] | None:
+    positions = counters.get("data_positions")
+    if not positions or len(positions) != world.world_size:
+        return None  # none saved (map-style data, an older checkpoint) or another world size: resume by step
+    return positions[world.rank]
 
 
 def _sum_across_ranks(counts: dict[str, int], world: World) -> dict[str, int]:
@@ -205,8 +230,13 @@ def _already_finished(counters: dict[str, Any], total_steps: int, checkpoint: Pa
 def _train(config: TrainConfig, world: World, device: torch.device, output_dir: Path) -> dict[str, Any]:
     data_config = DataConfig.from_dict(config.data)
     model = build_model(config, device)
+    parallel = Parallel(config, world, device)
+    # compile = true: each block compiled in place before it is sharded or wrapped; eager again if that fails
+    train_step = compiled_training_step(contrastive_step, model, config.compile)
+    parallel.shard(model)  # FSDP2 shards in place, before the optimiser sees the parameters
     betas, eps = paper_betas_eps(model.config.vision.is_resnet, config.beta1, config.beta2, config.eps)
-    optimizer = make_optimizer(model, config.lr, config.weight_decay, betas, eps, config.decay_embeddings)
+    optimizer = make_optimizer(model, config.lr, config.weight_decay, betas, eps, config.decay_embeddings,
+                               state_dtype=config.optimizer_state_dtype, seed=config.seed)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     data = build_train_data(data_config, image_size=model.image_size, context_length=model.context_length,
                             global_batch_size=config.global_batch_size, rank=world.rank,
@@ -219,25 +249,22 @@ def _train(config: TrainConfig, world: World, device: torch.device, output_dir: 
                              "lower global_batch_size or add data")
 
     counters, skips = _new_counters(), _Skips()
-    resume_from = ckpt.resolve_resume(config.resume, output_dir)
+    resume_from = remote_sync.resolve_resume(config, output_dir, world)  # fetches a newer remote copy first
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from)
-        ckpt.restore(state, resume_from, model, optimizer, scaler)
+        state = parallel.resume(resume_from, model, optimizer, scaler)  # FSDP: from step_N.dcp when there
         counters = {key: state.get(key, value) for key, value in counters.items()}
         skips.load(state)
     ckpt.refuse_later_checkpoints(output_dir, counters["step"])
     if counters["step"] >= total_steps:
         return _already_finished(counters, total_steps, resume_from, output_dir, world)
+    remote = remote_sync.RemoteSync.for_run(config, output_dir, world, counters["step"])
     if world.is_main:
         dropped = run_files.truncate_metrics(output_dir / "metrics.jsonl", counters["step"])
         if resume_from is not None:
             after = f"; dropped {dropped} metrics.jsonl row(s) logged after it" if dropped else ""
             say(f"resumed from {resume_from} at step {counters['step']}{after}")
-    wrapped = model
-    if world.distributed:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = _autocast(config.precision, device)
+    wrapped = parallel.wrap(model)  # DDP, or the FSDP2-sharded model itself
+    autocast = _autocast(parallel.autocast_precision, device)
     hooks = build_eval_hooks(config.eval, model=model, device=device, seed=config.seed) if world.is_main else []
     logger = MetricsLogger(output_dir, world.is_main, tensorboard=config.tensorboard,
                            wandb_project=config.wandb_project, config=config.to_dict(), resumed_step=counters["step"])
@@ -248,15 +275,22 @@ def _train(config: TrainConfig, world: World, device: torch.device, output_dir: 
     last_eval: tuple[int, list[dict[str, float]]] | None = None
     saved_at = counters["step"] if resume_from is not None else -1
 
+    position = _my_position(counters, world)  # this rank's data stream after the last step taken
+    source_samples: dict[str, int] = {}  # good samples per source since the last log step, this rank
+
     def save(done: int) -> None:
         nonlocal saved_at
         skips.flush(world)
+        counters["data_positions"] = _gather_positions(position, world)
+        weights = parallel.weights(model, optimizer)  # FSDP: gathered to rank 0 (a collective)
         if world.is_main:
             skips.write(output_dir)
-            ckpt.save_checkpoint(_training_state(model, optimizer, scaler, config, counters, skips), output_dir,
-                                 done, config.keep_last)
+            ckpt.save_checkpoint(_training_state(model, weights, scaler, config, counters, skips), output_dir,
+                                 done, config.keep_last, sharded=parallel.fsdp)
+        parallel.save_shards(model, optimizer, output_dir, done)  # FSDP: step_N.dcp too
         if world.distributed:
             dist.barrier()
+        remote.upload(done)  # rank 0, in the background
         saved_at = done
 
     stop = StopSignals()
@@ -264,7 +298,7 @@ def _train(config: TrainConfig, world: World, device: torch.device, output_dir: 
         with stop:
             stopping = False
             while counters["step"] < total_steps and not stopping:
-                batches = iter(data.batches(counters["epoch"], counters["step_in_epoch"]))
+                batches = iter(data.batches(counters["epoch"], counters["step_in_epoch"], position))
                 while counters["step"] < total_steps:
                     step = counters["step"]
                     lr = cosine_with_warmup(step, base_lr=config.lr, min_lr=config.min_lr,
@@ -274,7 +308,7 @@ def _train(config: TrainConfig, world: World, device: torch.device, output_dir: 
                         set_lr(optimizer, lr)
                         optimizer.zero_grad(set_to_none=True)
                         size = batch.images.shape[0]  # smaller when bad samples were dropped; 0: all were
-                        result = contrastive_step(
+                        result = train_step(  # contrastive_step, through the compiled blocks if compile = true
                             wrapped, batch.images.to(device, non_blocking=True),
                             batch.texts.to(device, non_blocking=True), micro_batch=config.micro_batch_size,
                             chunk_size=config.loss_chunk_size, autocast=autocast, scaler=scaler) if size else None
@@ -292,6 +326,9 @@ def _train(config: TrainConfig, world: World, device: torch.device, output_dir: 
                         _apply_update(loss, model, optimizer, scaler, config, counters, step)
                         last_loss = loss.item()
                     skips.add(batch)
+                    position = batch.position
+                    for name, count in batch.source_counts.items():
+                        source_samples[name] = source_samples.get(name, 0) + count
                     counters["step"] += 1
                     counters["step_in_epoch"] += 1
                     if counters["step_in_epoch"] >= data.steps_per_epoch:
@@ -305,18 +342,22 @@ def _train(config: TrainConfig, world: World, device: torch.device, output_dir: 
                         rate = window_samples / max(1e-9, time.perf_counter() - window_start)
                         window_start, window_samples = time.perf_counter(), 0
                         skipped_total = sum(counters["skipped"].values())
+                        for name, count in _sum_across_ranks(source_samples, world).items():
+                            counters["source_samples"][name] = counters["source_samples"].get(name, 0) + count
+                        source_samples = {name: 0 for name in source_samples}
                         values = {"train/loss": math.nan if last_loss is None else last_loss, "train/lr": lr,
-                                  "train/logit_scale": model.logit_scale_value().item(), "train/samples_per_s": rate,
+                                  "train/logit_scale": parallel.logit_scale(model), "train/samples_per_s": rate,
                                   "train/epoch": done / data.steps_per_epoch,
-                                  "data/skipped_total": float(skipped_total)}
+                                  "data/skipped_total": float(skipped_total),
+                                  **{f"data/samples_{name}": float(count)
+                                     for name, count in counters["source_samples"].items()},
+                                  **parallel.memory_once(model, optimizer)}  # once, after the first update
                         logger.log(done, values)
                         progress.log_step(done, values, skipped_total)
                     progress.advance()
-                    if hooks and config.eval_every_steps and (done % config.eval_every_steps == 0
-                                                              or done == total_steps):
-                        model.eval()
-                        last_eval = (done, [hook(model) for hook in hooks])
-                        model.train()
+                    if config.eval and config.eval_every_steps and (done % config.eval_every_steps == 0
+                                                                    or done == total_steps):
+                        last_eval = (done, parallel.evaluate(hooks, model))  # FSDP: every rank gathers
                         for values in last_eval[1]:
                             logger.log(done, values)
                             progress.write(f"step {done} eval {format_eval(values)}")
@@ -333,9 +374,11 @@ def _train(config: TrainConfig, world: World, device: torch.device, output_dir: 
     counters["skipped"] = skips.counts()
     summary = {"steps": counters["step"], "steps_this_run": counters["step"] - first_step, "final_loss": last_loss,
                "skipped_samples": counters["skipped"], "nonfinite_steps": counters["nonfinite_steps"],
+               "source_samples": dict(counters["source_samples"]),
                "checkpoint": str(ckpt.latest_checkpoint(output_dir)) if world.is_main else None,
                "skipped_file": str(output_dir / run_files.SKIPPED_NAME) if counters["skipped"] else None,
-               "stopped_by": stop.name or None, "exit_status": stop.exit_status, "plot": None}
+               "stopped_by": stop.name or None, "exit_status": stop.exit_status, "plot": None,
+               **parallel.memory}  # memory/*_bytes_per_rank once measured
     if world.is_main:
         if not stop.received:  # a preempted job has seconds left: no plot then
             plot = plot_training_curves(logger.path, output_dir / "training_curves.png")
@@ -347,4 +390,5 @@ def _train(config: TrainConfig, world: World, device: torch.device, output_dir: 
                 "rerun with --resume latest"
             say(f"stopped by {stop.name} at step {counters['step']} of {total_steps} with checkpoint "
                 f"{summary['checkpoint']}; {how} to resume")
+    remote.finish()
     return summary

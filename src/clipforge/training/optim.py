@@ -7,6 +7,7 @@ import math
 import torch
 
 from clipforge.models.clip import CLIP
+from clipforge.training.low_precision import LowPrecisionAdamW
 
 
 def parameter_groups(model: CLIP, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
@@ -28,13 +29,20 @@ def parameter_groups(model: CLIP, weight_decay: float, decay_embeddings: bool = 
 
 
 def make_optimizer(model: CLIP, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
-                   decay_embeddings: bool = False) -> torch.optim.AdamW:
+                   decay_embeddings: bool = False, *, state_dtype: str = "fp32",
+                   seed: int = 0) -> torch.optim.Optimizer:
     """AdamW over ``parameter_groups``, with the fused kernel where this PyTorch has one for the device.
 
     The fused kernel updates each tensor in one pass; on CPU it is about 4x faster than
     ``foreach`` (ViT-B/32: 87 ms vs 380 ms per step; docs/benchmarks.md) and computes the same update.
+    ``state_dtype`` "bf16" (moments in bfloat16), or a bfloat16 parameter (a bf16 text tower), takes
+    ``LowPrecisionAdamW`` instead: the same update in float32, stored stochastically rounded with
+    draws seeded by ``seed``.
     """
     groups = parameter_groups(model, weight_decay, decay_embeddings)
+    if state_dtype == "bf16" or any(p.dtype == torch.bfloat16 for group in groups for p in group["params"]):
+        dtype = torch.bfloat16 if state_dtype == "bf16" else torch.float32
+        return LowPrecisionAdamW(groups, lr=lr, betas=betas, eps=eps, state_dtype=dtype, seed=seed)
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
