@@ -14,7 +14,10 @@ EXAMPLES = """examples:
 Each NAME=PATH takes options after commas: split=, classnames=, templates=, max_samples=, image_root=,
 train_split= (linear probe), image_column= and label_column= (csv classification).
 NAME is a format: cifar10, cifar100, mnist, fashion-mnist, imagefolder, csv (classification);
-flickr8k, flickr30k, coco, csv (retrieval: Karpathy JSON, image/caption/split TSV or Flickr token file)."""
+flickr8k, flickr30k, coco, csv (retrieval: Karpathy JSON, image/caption/split TSV or Flickr token file);
+or wds/NAME for a CLIP_benchmark WebDataset copy (a local folder or hf-hub:clip-benchmark/wds_NAME), e.g.
+  --zero-shot wds/cifar10=data/wds_cifar10   --retrieval wds/flickr8k=hf-hub:clip-benchmark/wds_flickr8k
+whose dataset_type.txt picks the metrics (multilabel: mean average precision, under --zero-shot)."""
 
 
 def add_eval_parser(sub: argparse._SubParsersAction, gelu_help: str) -> None:

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     from clipforge.cli.eval_command import add_eval_parser
 
     add_eval_parser(sub, gelu_help)
+    from clipforge.cli.benchmark_command import add_benchmark_parser
+
+    add_benchmark_parser(sub, gelu_help)
 
     from clipforge.cli.embed_command import add_embed_parser
 

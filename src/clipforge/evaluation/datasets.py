@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from clipforge.errors import ClipforgeError
+from clipforge.evaluation import imagenet
 from clipforge.evaluation.retrieval_data import (RetrievalDataset, file_fingerprint, load_retrieval, read_text,
                                                  resolved)
 from clipforge.transforms import load_image
@@ -36,7 +37,7 @@ from clipforge.transforms import load_image
 __all__ = ["CLASSIFICATION_FORMATS", "ClassificationDataset", "RetrievalDataset", "dataset_classnames",
            "dataset_templates", "load_classification", "load_retrieval"]
 
-CLASSIFICATION_FORMATS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder", "csv")
+CLASSIFICATION_FORMATS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder", "csv") + imagenet.VARIANTS
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "tsv": "csv"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -50,12 +51,16 @@ def _builtin() -> dict[str, dict[str, tuple[str, ...]]]:
 
 def dataset_classnames(name: str) -> list[str] | None:
     """Built-in human-readable class names of a dataset key (the ones CLIP's prompts use), or None."""
+    if (variant := imagenet.canonical(name)) is not None:  # ObjectNet's come from its release's files
+        return imagenet.classnames_of(variant) if variant != "objectnet" else None
     entry = _builtin().get(_ALIASES.get(name.lower(), name.lower()))
     return list(entry["classnames"]) if entry else None
 
 
 def dataset_templates(name: str) -> list[str] | None:
     """Built-in zero-shot prompt templates of a dataset key, with a ``{}`` placeholder, or None."""
+    if imagenet.canonical(name) is not None:
+        return [template.replace("{c}", "{}") for template in imagenet.metadata()["templates"]]
     entry = _builtin().get(_ALIASES.get(name.lower(), name.lower()))
     return list(entry["templates"]) if entry else None
 
@@ -317,7 +322,7 @@ def load_classification(name: str, root: str | os.PathLike, split: str = "test",
     ``root`` is the dataset folder (for CIFAR also its parent), or the CSV/TSV file for ``csv``. A CSV with a
     ``split`` column is filtered on it; without one every row is used.
     """
-    key = _ALIASES.get(name.lower(), name.lower())
+    key = imagenet.canonical(name) or _ALIASES.get(name.lower(), name.lower())
     if key not in CLASSIFICATION_FORMATS:
         raise ClipforgeError(f"unknown classification dataset '{name}'; choose one of "
                              f"{', '.join(CLASSIFICATION_FORMATS)}")
@@ -345,6 +350,10 @@ def load_classification(name: str, root: str | os.PathLike, split: str = "test",
     elif key in ("mnist", "fashion-mnist"):
         array, labels, classnames, read = _idx_dataset(key, path, split)
         images = _ArrayImages(array)
+    elif key in imagenet.VARIANTS:  # the split is the variant's evaluation set (ImageNet: validation)
+        paths, labels, classnames = imagenet.load_variant(key, path, _image_files)
+        classnames = _display_names(tuple(classnames), classnames_file) if classnames_file else classnames
+        images, read = _FileImages(paths), [Path(p) for p in paths]
     elif key == "imagefolder":
         base = path / split if (path / split).is_dir() else path
         if not base.is_dir():

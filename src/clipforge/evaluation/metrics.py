@@ -65,3 +65,16 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     for k in ks:
         metrics[f"text_to_image_R@{k}"] = (text_rank < k).float().mean().item()
     return metrics
+
+
+def clip_benchmark_names(metrics: dict) -> dict[str, float]:
+    """The same numbers under CLIP_benchmark's keys (acc1, acc5, image/text_retrieval_recall@k), so results
+    compare key for key with its JSON. acc5 is left out where top5 is (under 5 classes; CLIP_benchmark: NaN)."""
+    aliases = {"top1": "acc1", "top5": "acc5"}
+    names = {aliases[key]: value for key, value in metrics.items() if key in aliases}
+    for key, value in metrics.items():  # CLIP_benchmark names the direction by what is retrieved
+        if key.startswith("text_to_image_R@"):
+            names["image_retrieval_recall@" + key.rsplit("@", 1)[1]] = value
+        elif key.startswith("image_to_text_R@"):
+            names["text_retrieval_recall@" + key.rsplit("@", 1)[1]] = value
+    return names

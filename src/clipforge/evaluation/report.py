@@ -15,16 +15,19 @@ from clipforge.checkpoints.atomic import atomic_write
 
 #: The headline numbers of each task, in the order tables show them.
 HEADLINE = {
-    "zero_shot": ("top1", "top5", "mean_per_class_recall"),
+    "zero_shot": ("top1", "top5", "mean_per_class_recall", "mean_average_precision"),
     "linear_probe": ("accuracy", "mean_per_class_recall", "best_l2"),
     "retrieval": ("image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10",
                   "text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10"),
 }
+_OPTIONAL = {"mean_average_precision"}  # multilabel only: no column unless a result has it
 
 
 def chance_levels(task: str, result: dict[str, Any]) -> dict[str, float]:
     """What a model that knows nothing scores, next to each headline metric."""
     metrics = result["metrics"]
+    if "mean_average_precision" in metrics:  # multilabel: chance depends on each class's share of positives
+        return {}
     if task in ("zero_shot", "linear_probe"):
         classes = metrics.get("num_classes") or 0
         levels = {"top1": 1 / classes, "accuracy": 1 / classes, "mean_per_class_recall": 1 / classes} if classes \
@@ -91,6 +94,7 @@ def markdown_summary(results: Sequence[dict[str, Any]]) -> str:
         mine = [r for r in results if r["task"] == task]
         if not mine:
             continue
+        keys = tuple(k for k in keys if k not in _OPTIONAL or any(k in r["metrics"] for r in mine))
         lines += [f"### {task.replace('_', ' ')}", "", "| model | dataset | " + " | ".join(keys) + " |",
                   "|---|---|" + "---|" * len(keys)]
         for r in mine:

@@ -10,7 +10,7 @@ import torch
 
 from clipforge.errors import ClipforgeError
 from clipforge.evaluation.features import image_features, text_features
-from clipforge.evaluation.metrics import retrieval_metrics
+from clipforge.evaluation.metrics import clip_benchmark_names, retrieval_metrics
 from clipforge.models.clip import CLIP
 
 
@@ -40,5 +40,5 @@ def evaluate_retrieval(model: CLIP, preprocess: Callable[[Any], torch.Tensor], d
     texts_embedded = text_features(model, texts, precision=precision, progress=progress,
                                    description=f"retrieval {getattr(dataset, 'name', '')} captions")
     metrics = retrieval_metrics(images, texts_embedded, torch.tensor(owners), ks=ks)
-    return {**metrics, "num_images": len(images), "num_captions": len(texts), "skipped": skipped,
-            "skipped_files": skipped_files}
+    return {**metrics, **clip_benchmark_names(metrics), "num_images": len(images), "num_captions": len(texts),
+            "skipped": skipped, "skipped_files": skipped_files}

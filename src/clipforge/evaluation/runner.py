@@ -20,9 +20,11 @@ from clipforge.errors import ClipforgeError
 from clipforge.evaluation import report
 from clipforge.evaluation.datasets import _ALIASES, CLASSIFICATION_FORMATS, load_classification, load_retrieval
 from clipforge.evaluation.features import image_features, reason_counts
+from clipforge.evaluation.few_shot import few_shot_probe, parse_shots
 from clipforge.evaluation.linear_probe import linear_probe
 from clipforge.evaluation.retrieval import evaluate_retrieval
 from clipforge.evaluation.retrieval_data import _SPLITS, RETRIEVAL_FORMATS, short
+from clipforge.evaluation.wds_benchmark import HUB_PREFIX, is_wds_name
 from clipforge.evaluation.zero_shot import evaluate_zero_shot, read_classnames, read_templates
 from clipforge.models.clip import CLIP
 
@@ -45,6 +47,7 @@ class EvalSpec:
     train_split: str = "train"  # linear probe: where the probe is fitted
     image_column: str = "filepath"  # csv classification: the column of image paths
     label_column: str = "label"  # csv classification: the column of labels
+    shots: str | None = None  # linear probe: also k-shot probes for these k, joined by '+', e.g. "1+2+4+8+16"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -63,6 +66,11 @@ class EvalSpec:
                                              or not isinstance(self.max_samples, int) or self.max_samples < 1):
             raise ClipforgeError(f"max_samples of the {self.task} spec for '{short(self.name, 40)}' must be a "
                                  f"positive whole number, got {short(repr(self.max_samples), 40)}")
+        if self.shots is not None:
+            if self.task != "linear_probe":
+                raise ClipforgeError(f"shots= applies to linear probes only, not to the {self.task} spec "
+                                     f"for '{short(self.name, 40)}'")
+            parse_shots(self.shots)
         splits = _RETRIEVAL_SPLITS if self.task == "retrieval" else ("train", "test")
         for key in ("split", "train_split"):
             if getattr(self, key) not in splits:
@@ -70,13 +78,15 @@ class EvalSpec:
                                      f"'{short(self.name, 40)}' is not a split it has; choose one of {', '.join(splits)}")
         formats = RETRIEVAL_FORMATS if self.task == "retrieval" else CLASSIFICATION_FORMATS
         aliases = () if self.task == "retrieval" else tuple(_ALIASES)
-        if self.name.lower() not in (*formats, *aliases):
+        if self.name.lower() not in (*formats, *aliases) and not is_wds_name(self.name):
             raise ClipforgeError(f"unknown {self.task.replace('_', '-')} dataset format '{short(self.name, 40)}'; "
-                                 f"choose one of {', '.join(formats)}")
+                                 f"choose one of {', '.join(formats)}, or wds/NAME for a CLIP_benchmark "
+                                 "WebDataset folder")
 
     @property
     def label(self) -> str:
-        return self.name if self.split == "test" else f"{self.name}-{self.split}"
+        name = self.name.replace("/", "_")  # wds/cifar10 -> wds_cifar10 (CLIP_benchmark's slug): a file name
+        return name if self.split == "test" else f"{name}-{self.split}"
 
     @classmethod
     def parse(cls, task: str, text: str) -> EvalSpec:
@@ -113,6 +123,8 @@ class EvalSpec:
     def check_paths(self) -> None:
         """Fail now, before a model is loaded, if a path this spec names does not exist."""
         for key, value in (("path", self.path), ("classnames", self.classnames), ("image_root", self.image_root)):
+            if key == "path" and is_wds_name(self.name) and value.startswith(HUB_PREFIX):
+                continue  # downloaded when the eval runs
             if value is not None and not os.path.lexists(Path(value).expanduser()):
                 raise ClipforgeError(f"{self.task} spec '{short(self.name, 40)}': {key} '{short(value)}' does not "
                                      "exist; check the path")
@@ -133,6 +145,10 @@ def _whole_number(value: str, what: str) -> int:
 
 
 def _classification(spec: EvalSpec, split: str):
+    if is_wds_name(spec.name):
+        from clipforge.evaluation.wds_eval import load_wds_classification
+
+        return load_wds_classification(spec, split)
     dataset = load_classification(spec.name, spec.path, split, classnames_file=spec.classnames,
                                   max_samples=spec.max_samples, image_column=spec.image_column,
                                   label_column=spec.label_column)
@@ -164,7 +180,12 @@ def run_eval(spec: EvalSpec, model: CLIP, preprocess: Callable[[Any], torch.Tens
     common = dict(batch_size=batch_size, num_workers=num_workers, precision=precision, cache_dir=cache_dir,
                   progress=progress)
     settings: dict[str, Any] = {"split": spec.split, "precision": precision, "path": str(spec.path)}
-    if spec.task == "zero_shot":
+    if is_wds_name(spec.name) and spec.task != "linear_probe":
+        from clipforge.evaluation.wds_eval import evaluate_wds
+
+        png = Path(output_dir) / f"confusion_{spec.label}.png" if confusion and output_dir else None
+        metrics = evaluate_wds(spec, model, preprocess, common, settings, confusion_png=png)
+    elif spec.task == "zero_shot":
         dataset = _classification(spec, spec.split)
         classnames = read_classnames(spec.classnames, spec.name) if spec.classnames else None
         templates = read_templates(spec.templates, spec.name) if spec.templates else None
@@ -210,6 +231,9 @@ def _run_linear_probe(spec: EvalSpec, model: CLIP, preprocess, settings: dict[st
     test_labels = torch.as_tensor(test.labels)[test_index]
     result = linear_probe(train_features, train_labels, test_features, test_labels, progress=common["progress"])
     metrics = {k: v for k, v in result.to_dict().items() if k != "weight"}
+    if spec.shots is not None:  # the paper's k-shot probes on the same features, 3 seeds each
+        metrics["few_shot"] = few_shot_probe(train_features, train_labels, test_features, test_labels,
+                                             shots=parse_shots(spec.shots))
     metrics["num_classes"] = len(test.classnames)
     metrics["skipped"] = reason_counts(skipped_files)
     metrics["skipped_files"] = skipped_files

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from clipforge.errors import ClipforgeError
 from clipforge.evaluation.features import image_features, text_features
-from clipforge.evaluation.metrics import classification_metrics
+from clipforge.evaluation.metrics import classification_metrics, clip_benchmark_names
 from clipforge.evaluation.retrieval_data import read_text, short
 from clipforge.models.clip import CLIP
 
@@ -163,4 +163,5 @@ def evaluate_zero_shot(model: CLIP, preprocess: Callable[[Any], torch.Tensor], d
         from clipforge.evaluation.report import plot_confusion
 
         plot_confusion(confusion, classnames, confusion_png)
-    return {**metrics, "num_templates": len(templates), "skipped": skipped, "skipped_files": skipped_files}
+    return {**metrics, **clip_benchmark_names(metrics), "num_templates": len(templates), "skipped": skipped,
+            "skipped_files": skipped_files}

@@ -78,6 +78,9 @@ def _spec_hook(spec, model: CLIP, device: torch.device) -> EvalHook:
     from clipforge.evaluation.zero_shot import build_zero_shot_classifier, get_templates, read_templates
     from clipforge.transforms import image_transform
 
+    if spec.name.lower().startswith("wds/"):
+        raise ConfigError(f"training config field 'eval': WebDataset copies ('{spec.name[:40]}') are not evaluated "
+                          "during training yet; evaluate checkpoints with clipforge eval instead")
     preprocess = image_transform(model.image_size)
     prefix = f"eval/{spec.task}_{spec.label}_"
     if spec.task == "zero_shot":
