@@ -25,6 +25,7 @@ import torch
 from clipforge.errors import ClipforgeError
 from clipforge.evaluation import report
 from clipforge.evaluation.features import model_fingerprint
+from clipforge.evaluation.retrieval_data import file_fingerprint
 from clipforge.evaluation.wds_benchmark import HUB_PREFIX, is_wds_name
 from clipforge.models.clip import CLIP
 
@@ -73,21 +74,14 @@ def _files_fingerprint(location: str) -> str:
     """Names, sizes and modification times of the dataset's files (a downloaded copy: its name)."""
     if location.startswith(HUB_PREFIX):
         return location
-    digest = hashlib.sha1()
     path = Path(location)
     if path.is_file():
-        stat = path.stat()
-        digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    for parent, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            try:
-                stat = os.stat(os.path.join(parent, name))
-            except OSError:
-                continue
-            digest.update(f"{os.path.relpath(os.path.join(parent, name), path)}|{stat.st_size}|"
-                          f"{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+        return file_fingerprint([path])
+    files = []
+    for parent, dirs, names in os.walk(path):
+        dirs.sort()  # a stable order, so the same files give the same fingerprint
+        files += [os.path.join(parent, name) for name in sorted(names)]
+    return file_fingerprint(files)
 
 
 def _row(name: str, task: str, model_name: str, pretrained: str, metrics: dict[str, Any], seconds: float,
@@ -151,11 +145,12 @@ def write_tables(rows: Sequence[dict[str, Any]], output: Path) -> tuple[Path, Pa
     writer.writerows(rows)
     csv_path = report.atomic_write(output / "benchmark.csv", lambda tmp: tmp.write_text(text.getvalue(), "utf-8"))
     metrics = [c for c in COLUMNS[5:15] if any(c in row for row in rows)]
-    lines = ["| dataset | task | " + " | ".join(metrics) + " | note |", "|---|---|" + "---:|" * len(metrics) + "---|"]
+    lines = ["| " + " | ".join(["dataset", "task", *metrics, "note"]) + " |",
+             "|---|---|" + "---:|" * len(metrics) + "---|"]
     for row in rows:
         values = [f"{100 * row[c]:.2f}" if c in row else "" for c in metrics]
         note = f"failed: {row['error']}" if row["error"] else ("reused" if row["reused"] else "")
-        lines.append(f"| {row['dataset']} | {row['task']} | " + " | ".join(values) + f" | {note} |")
+        lines.append("| " + " | ".join([row["dataset"], row["task"], *values, note]) + " |")
     markdown = f"Model: {rows[0]['model_fullname'] if rows else ''} (values in %)\n\n" + "\n".join(lines) + "\n"
     md_path = report.atomic_write(output / "benchmark.md", lambda tmp: tmp.write_text(markdown, "utf-8"))
     return csv_path, md_path

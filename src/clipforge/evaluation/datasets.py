@@ -351,7 +351,7 @@ def load_classification(name: str, root: str | os.PathLike, split: str = "test",
         array, labels, classnames, read = _idx_dataset(key, path, split)
         images = _ArrayImages(array)
     elif key in imagenet.VARIANTS:  # the split is the variant's evaluation set (ImageNet: validation)
-        paths, labels, classnames = imagenet.load_variant(key, path, _image_files)
+        paths, labels, classnames = imagenet.load_variant(key, path, _class_folders)
         classnames = _display_names(tuple(classnames), classnames_file) if classnames_file else classnames
         images, read = _FileImages(paths), [Path(p) for p in paths]
     elif key == "imagefolder":

@@ -80,14 +80,18 @@ def _folder_with(root: Path, names: list[str], *inner: str) -> Path | None:
     return None
 
 
-def load_variant(variant: str, root: Path, list_images) -> tuple[list[str], list[int], list[str]]:
-    """(paths, labels, classnames) of a variant under ``root``; ``list_images(folder)`` lists a folder's images."""
+def load_variant(variant: str, root: Path, class_folders) -> tuple[list[str], list[int], list[str]]:
+    """(paths, labels, classnames) of a variant under ``root``.
+
+    ``class_folders(base, folders)`` lists the images of ``base/folder`` for each folder, labelled by the
+    folder's position (``datasets._class_folders``; a folder that is not there has no images).
+    """
     if variant == "objectnet":
-        return _objectnet(root, list_images)
-    return (*image_paths(variant, root, list_images), classnames_of(variant))
+        return _objectnet(root, class_folders)
+    return (*image_paths(variant, root, class_folders), classnames_of(variant))
 
 
-def _objectnet(root: Path, list_images) -> tuple[list[str], list[int], list[str]]:
+def _objectnet(root: Path, class_folders) -> tuple[list[str], list[int], list[str]]:
     mappings = next((f for f in (root, root / "mappings", root / "objectnet-1.0" / "mappings")
                      if (f / "folder_to_objectnet_label.json").is_file()), None)
     images = next((f for f in (root / "objectnet-1.0" / "images", root / "images") if f.is_dir()), None)
@@ -103,18 +107,11 @@ def _objectnet(root: Path, list_images) -> tuple[list[str], list[int], list[str]
                              "the release") from None
     label_to_folder = {label: folder for folder, label in folder_to_label.items()}
     folders = sorted(label_to_folder[label] for label in to_imagenet if label in label_to_folder)
-    paths: list[str] = []
-    labels: list[int] = []
-    for index, folder in enumerate(folders):
-        if (images / folder).is_dir():
-            files = list_images(images / folder)
-            paths += files
-            labels += [index] * len(files)
-    return paths, labels, [folder_to_label[folder].lower() for folder in folders]
+    return (*class_folders(images, folders), [folder_to_label[folder].lower() for folder in folders])
 
 
-def image_paths(variant: str, root: Path, list_images) -> tuple[list[str], list[int]]:
-    """(paths, labels) of a variant's images under ``root``; ``list_images(folder)`` lists one folder's images."""
+def image_paths(variant: str, root: Path, class_folders) -> tuple[list[str], list[int]]:
+    """(paths, labels) of a variant's images under ``root`` (``class_folders`` as in ``load_variant``)."""
     synsets = synsets_of(variant)
     if variant == "imagenet-v2":
         folders = [str(i) for i in range(1000)]
@@ -127,21 +124,14 @@ def image_paths(variant: str, root: Path, list_images) -> tuple[list[str], list[
         inner = {"imagenet": ("val",), "imagenet-sketch": ("sketch",)}.get(variant, (variant,))
         base = _folder_with(root, folders, *inner)
         if base is None and variant == "imagenet":
-            return _kaggle_val(root, list_images)
+            return _kaggle_val(root, class_folders)
         if base is None:
             raise ClipforgeError(f"no synset folders (n01440764, ...) for {variant} under '{root}'; pass the "
                                  "extracted dataset folder")
-    paths: list[str] = []
-    labels: list[int] = []
-    for label, folder in enumerate(folders):
-        if (base / folder).is_dir():
-            files = list_images(base / folder)
-            paths += files
-            labels += [label] * len(files)
-    return paths, labels
+    return class_folders(base, folders)
 
 
-def _kaggle_val(root: Path, list_images) -> tuple[list[str], list[int]]:
+def _kaggle_val(root: Path, class_folders) -> tuple[list[str], list[int]]:
     """The flat validation folder with Kaggle's LOC_val_solution.csv (ImageId, 'synset x y x y ...')."""
     solution = next((p for p in (root / "LOC_val_solution.csv", root.parent / "LOC_val_solution.csv")
                      if p.is_file()), None)
@@ -154,7 +144,7 @@ def _kaggle_val(root: Path, list_images) -> tuple[list[str], list[int]]:
                         for row in csv.DictReader(handle) if row.get("PredictionString")}
     folder = root / "val" if (root / "val").is_dir() else root
     paths, labels = [], []
-    for path in list_images(folder):
+    for path in class_folders(folder, ["."])[0]:
         label = labels_by_id.get(Path(path).stem, -1)
         if label >= 0:
             paths.append(path)

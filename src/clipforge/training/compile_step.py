@@ -24,6 +24,7 @@ from torch import nn
 
 from clipforge.models.layers import ResidualAttentionBlock
 from clipforge.models.modified_resnet import Bottleneck
+from clipforge.training.grad_cache import device_rng_state, set_device_rng_state
 
 COMPILED_BLOCKS = (ResidualAttentionBlock, Bottleneck)
 T = TypeVar("T")
@@ -86,7 +87,7 @@ class CompiledStep:
         if not self.compiled:
             return self.step(*args, **kwargs)
         device = next(self.model.parameters()).device
-        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        rng = device_rng_state(device)
         buffers = [buffer.clone() for buffer in self.model.buffers()]
         try:
             return self.step(*args, **kwargs)
@@ -95,9 +96,7 @@ class CompiledStep:
         except Exception as error:  # noqa: BLE001 - any compiler failure: redo this step eagerly
             self._fall_back(error)
         self.model.zero_grad(set_to_none=True)
-        torch.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state(rng[1], device)
+        set_device_rng_state(rng, device)
         with torch.no_grad():
             for buffer, saved in zip(self.model.buffers(), buffers):
                 buffer.copy_(saved)

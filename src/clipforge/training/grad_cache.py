@@ -24,11 +24,11 @@ from clipforge.training.loss import clip_loss
 ContextFactory = Callable[[], contextlib.AbstractContextManager]
 
 
-def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+def device_rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+def set_device_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
@@ -74,10 +74,10 @@ def contrastive_step(model: nn.Module, images: Tensor, texts: Tensor, *, micro_b
     buffers = [buffer.clone() for buffer in clip.buffers()]
     with torch.no_grad(), autocast():
         for rows in slices:
-            rng_states.append(_rng_state(device))
+            rng_states.append(device_rng_state(device))
             image_parts.append(clip.encode_image(images[rows], normalize=True))
             text_parts.append(clip.encode_text(texts[rows], normalize=True))
-    rng_after = _rng_state(device)
+    rng_after = device_rng_state(device)
     with torch.no_grad():
         for buffer, saved in zip(clip.buffers(), buffers):
             buffer.copy_(saved)
@@ -95,7 +95,7 @@ def contrastive_step(model: nn.Module, images: Tensor, texts: Tensor, *, micro_b
     #    The scale's gradient rides on the last one, once, so DDP sees every parameter used there.
     for index, rows in enumerate(slices):
         last = index == len(slices) - 1
-        _set_rng_state(rng_states[index], device)
+        set_device_rng_state(rng_states[index], device)
         with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
             with autocast():
                 image_out, text_out, scale_out = model(images[rows], texts[rows], return_features=True)
@@ -104,5 +104,5 @@ def contrastive_step(model: nn.Module, images: Tensor, texts: Tensor, *, micro_b
             pairs = [(out, grad.to(out.dtype)) for out, grad in pairs if out.requires_grad]  # frozen parts
             if pairs:
                 torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
-    _set_rng_state(rng_after, device)
+    set_device_rng_state(rng_after, device)
     return {"loss": loss.detach(), "logit_scale": logit_scale.detach().item()}

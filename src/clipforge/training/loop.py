@@ -342,9 +342,10 @@ def _train(config: TrainConfig, world: World, device: torch.device, output_dir: 
                         rate = window_samples / max(1e-9, time.perf_counter() - window_start)
                         window_start, window_samples = time.perf_counter(), 0
                         skipped_total = sum(counters["skipped"].values())
-                        for name, count in _sum_across_ranks(source_samples, world).items():
-                            counters["source_samples"][name] = counters["source_samples"].get(name, 0) + count
-                        source_samples = {name: 0 for name in source_samples}
+                        if source_samples:  # WebDataset sources (on every rank alike); none for CSV/synthetic
+                            for name, count in _sum_across_ranks(source_samples, world).items():
+                                counters["source_samples"][name] = counters["source_samples"].get(name, 0) + count
+                            source_samples = {name: 0 for name in source_samples}
                         values = {"train/loss": math.nan if last_loss is None else last_loss, "train/lr": lr,
                                   "train/logit_scale": parallel.logit_scale(model), "train/samples_per_s": rate,
                                   "train/epoch": done / data.steps_per_epoch,
