@@ -10,8 +10,6 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from clipforge.tokenizer.bpe import (
     EOT_TOKEN_ID,
     SOT_TOKEN_ID,
@@ -33,6 +31,7 @@ __all__ = [
     "decode_batch",
     "get_tokenizer",
     "tokenize",
+    "tokenize_numpy",
     "vocab_size",
 ]
 
@@ -50,13 +49,18 @@ def get_tokenizer() -> Tokenizer:
     return _default
 
 
-def tokenize(texts: str | Sequence[str], context_length: int = 77, truncate: bool = False) -> torch.Tensor:
+def tokenize(texts: str | Sequence[str], context_length: int = 77, truncate: bool = False) -> Any:
     """Int32 ids [N, context_length], identical to OpenAI's ``clip.tokenize``.
 
     Raises ``TokenizerError`` (a RuntimeError, same message as OpenAI) when a text does not fit
     and ``truncate`` is False; with ``truncate`` the last kept slot becomes EOT.
     """
     return get_tokenizer().tokenize(texts, context_length=context_length, truncate=truncate)
+
+
+def tokenize_numpy(texts: str | Sequence[str], context_length: int = 77, truncate: bool = False) -> Any:
+    """``tokenize`` as an int32 numpy array; imports no torch (for the ONNX runtime path)."""
+    return get_tokenizer().tokenize_numpy(texts, context_length=context_length, truncate=truncate)
 
 
 def decode(ids: Any) -> str:

@@ -21,7 +21,6 @@ from typing import Any
 import ftfy
 import numpy as np
 import regex
-import torch
 
 from clipforge.errors import TokenizerError
 
@@ -178,8 +177,14 @@ class Tokenizer:
         """Ids of ``text`` without SOT/EOT, like OpenAI's ``SimpleTokenizer.encode``."""
         return np.frombuffer(self._encode_bytes(text), dtype=np.int32).tolist()
 
-    def tokenize(self, texts: str | Sequence[str], context_length: int = 77, truncate: bool = False) -> torch.Tensor:
+    def tokenize(self, texts: str | Sequence[str], context_length: int = 77, truncate: bool = False) -> Any:
         """Int32 tensor [N, context_length]: SOT, ids, EOT, zero padding, as OpenAI's ``clip.tokenize``."""
+        import torch  # only here: the numpy path below serves torch-free runtimes (ONNX)
+
+        return torch.from_numpy(self.tokenize_numpy(texts, context_length, truncate))
+
+    def tokenize_numpy(self, texts: str | Sequence[str], context_length: int = 77, truncate: bool = False) -> np.ndarray:
+        """``tokenize`` as an int32 numpy array, without importing torch."""
         if isinstance(texts, str):
             texts = [texts]
         if context_length < 1:
@@ -210,7 +215,7 @@ class Tokenizer:
         out = np.zeros((len(texts), context_length), dtype=np.int32)
         filled = np.arange(0, max_bytes, 4) < np.array(lengths, dtype=np.int64)[:, None]  # byte sizes
         out[filled] = np.frombuffer(buf, dtype=np.int32)  # row-major order = concatenation order
-        return torch.from_numpy(out)
+        return out
 
     __call__ = tokenize
 

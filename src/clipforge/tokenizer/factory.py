@@ -24,7 +24,6 @@ from typing import Any
 import ftfy
 import numpy as np
 import regex
-import torch
 
 from clipforge.errors import TokenizerError
 from clipforge.tokenizer.bpe import EOT_TOKEN_ID, SOT_TOKEN_ID, VOCAB_SIZE, is_fast_text
@@ -123,8 +122,14 @@ class CLIPTokenizer:
         data = bytearray([self.bpe.byte_decoder[c] for c in text])
         return data.decode("utf-8", errors="replace").replace("</w>", " ")
 
-    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> Any:
         """Int64 ids [N, context_length]: SOT, ids, EOT, zeros; a long text keeps its first ids and ends in EOT."""
+        import torch  # only here: ``numpy`` serves torch-free runtimes (ONNX)
+
+        return torch.from_numpy(self.numpy(texts, context_length))
+
+    def numpy(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
+        """``__call__`` as an int64 numpy array, without importing torch."""
         texts = _as_list(texts)
         context_length = self.context_length if context_length is None else _check_context_length(context_length)
         max_bytes = 4 * context_length
@@ -139,7 +144,7 @@ class CLIPTokenizer:
         out = np.zeros((len(texts), context_length), dtype=np.int64)
         filled = np.arange(0, max_bytes, 4) < np.array(lengths, dtype=np.int64)[:, None]
         out[filled] = np.frombuffer(buf, dtype=np.int32)  # row-major order = concatenation order
-        return torch.from_numpy(out)
+        return out
 
     def __repr__(self) -> str:
         return f"CLIPTokenizer(context_length={self.context_length}, clean={self.clean!r})"
@@ -187,15 +192,21 @@ class HFTokenizer:
                 raise TokenizerError(f"the tokenizer '{name}' has no source-language setting; leave language out.")
             set_language(language)
 
-    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> Any:
         """Int64 ids [N, context_length] from the Hugging Face tokenizer, padded to the full length."""
+        import torch
+
+        return torch.from_numpy(self.numpy(texts, context_length))
+
+    def numpy(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
+        """``__call__`` as an int64 numpy array (the tokenizer's own numpy output; no torch)."""
         texts = [clean(text, self.clean) for text in _as_list(texts)]
         context_length = self.context_length if context_length is None else _check_context_length(context_length)
-        ids = self.tokenizer(texts, return_tensors="pt", max_length=context_length, padding="max_length",
-                             truncation=True).input_ids
+        ids = np.asarray(self.tokenizer(texts, return_tensors="np", max_length=context_length, padding="max_length",
+                                        truncation=True).input_ids, dtype=np.int64)
         sep = self.tokenizer.sep_token_id
         if self.strip_sep_token and sep is not None:  # CLIPA: [SEP] becomes padding
-            ids = torch.where(ids == sep, torch.zeros_like(ids), ids)
+            ids = np.where(ids == sep, 0, ids)
         return ids
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
