@@ -64,7 +64,7 @@ def test_for_inference_keeps_the_function(arch, dtype, bar):
 @pytest.mark.parametrize("arch", ["vit", "resnet"])
 def test_for_inference_without_onednn_keeps_the_function(arch, monkeypatch):
     """The path CUDA and builds without oneDNN take: F.linear / F.conv2d plus elementwise ops."""
-    from clipforge.models import layers, modified_resnet
+    from clipforge.models import inference_layers as layers, modified_resnet
 
     monkeypatch.setattr(layers, "onednn_available", lambda dtype: False)
     monkeypatch.setattr(modified_resnet, "onednn_available", lambda dtype: False)
@@ -96,6 +96,51 @@ def test_inference_text_ignores_padding_and_pools_each_eos():
     assert torch.equal(short, fast.encode_text(text))  # trimmed to the same longest caption
     one_by_one = torch.cat([fast.encode_text(row[None]) for row in text])
     assert _worst_cosine(one_by_one, fast.encode_text(text)) >= FP32_BAR
+
+
+def test_shared_prefixes_are_computed_once_and_keep_the_function():
+    """Causal text: captions that start alike share rows; the features equal the plain model's."""
+    from clipforge.models.inference_layers import shared_prefixes
+
+    captions = ["a photo of a dog.", "a photo of a cat.", "a photo of a dog.", "a bad photo of a dog.", "two men",
+                "a", ""]
+    ids = clipforge.tokenize(captions)
+    lengths = ids.argmax(dim=-1) + 1
+    first, grid_rows = shared_prefixes(ids, lengths)
+    distinct = {tuple(row[: n + 1]) for row, n in zip(ids.tolist(), ids.argmax(dim=-1).tolist()) for n in range(n + 1)}
+    assert len(first) == len(distinct) < int(lengths.sum())  # one row per distinct prefix, counted another way
+    length = ids.shape[1]
+    for b, n in enumerate(lengths.tolist()):  # each position reads the row first computed for the same prefix
+        for p in range(length):
+            row = grid_rows[b * length + p]
+            if p >= n:
+                assert row == len(first)  # the zero row
+            else:
+                fb, fp = divmod(first[row], length)
+                assert fp == p and torch.equal(ids[fb, : p + 1], ids[b, : p + 1])
+    model = _model("vit")
+    with torch.no_grad():
+        reference = model.encode_text(ids)
+    for dtype, bar in ((torch.float32, FP32_BAR), (torch.bfloat16, BF16_BAR)):
+        out = model.for_inference(dtype).encode_text(ids)
+        assert _worst_cosine(out, reference) >= bar
+        if dtype == torch.float32:
+            assert torch.allclose(out, reference, atol=1e-5)
+            assert torch.equal(out[0], out[2])  # identical captions share every row
+
+
+def test_explicit_inference_attention_equals_sdpa():
+    from clipforge.models.layers import explicit_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 9, 8).unbind(0)
+    for causal in (False, True):
+        assert torch.allclose(explicit_attention(q, k, v, causal), F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                              atol=1e-6)
+    keep = torch.rand(2, 1, 1, 9) > 0.3
+    keep[..., 0] = True
+    assert torch.allclose(explicit_attention(q[:, :, :1], k, v, keep=keep),
+                          F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=keep), atol=1e-6)
 
 
 def test_explicit_attention_equals_sdpa_in_value_and_gradient():
@@ -265,3 +310,14 @@ def test_compile_failure_falls_back_to_the_eager_fast_path(monkeypatch):
         out = fast.encode_image(images)
     assert torch.equal(out, model.for_inference().encode_image(images))
     assert fast.encode_image(images).shape == out.shape  # no second warning: the eager path for good
+
+
+def test_frozen_resnet_sub_batches_keep_the_function():
+    from clipforge.models.modified_resnet import CPU_SUB_BATCH
+
+    model = _model("resnet")
+    images = images_for(model.image_size, count=CPU_SUB_BATCH + 3)  # one full sub-batch and a partial one
+    with torch.no_grad():
+        reference = model.encode_image(images)
+    out = model.for_inference(torch.float32).encode_image(images)
+    assert out.shape == reference.shape and _worst_cosine(out, reference) >= FP32_BAR

@@ -23,7 +23,16 @@ from clipforge.tokenizer import (
     tokenize,
     vocab_size,
 )
-from clipforge.tokenizer.bpe import is_fast_text
+from clipforge.tokenizer.bpe import (
+    _PRETOKEN_PAT,
+    DEFAULT_BPE_PATH,
+    DEFAULT_MERGES_SHA256,
+    DEFAULT_WHOLE_WORD_EXCEPTIONS,
+    NUM_MERGES,
+    byte_encode,
+    compute_whole_word_exceptions,
+    is_fast_text,
+)
 
 CAPTIONS_TSV = Path(__file__).resolve().parents[2] / "shared/data/flickr8k/captions.tsv"
 
@@ -240,3 +249,127 @@ def test_matches_huggingface_on_flickr8k(captions, tmp_path):
     ours = [[SOT_TOKEN_ID, *tok.encode(c), EOT_TOKEN_ID] for c in captions]
     mismatches = [c for c, h, o in zip(captions, hf_ids, ours) if h != o]
     assert not mismatches, f"{len(mismatches)} captions differ from HF, first: {mismatches[0]!r}"
+
+
+# -- fast paths: each shortcut proved against the plain algorithm -----------------------------------
+
+
+def test_whole_word_shortcut_holds_for_every_vocabulary_token(ref):
+    """If ``w</w>`` is a token, BPE of ``w`` is that one token: proved for all 34,483 such tokens, against
+    OpenAI's own ``bpe`` and against clipforge's merge loop (no shortcut); the shipped exceptions are exact."""
+    _, simple = ref
+    tok = Tokenizer()
+    words = [t for t in tok.encoder if t.endswith("</w>") and len(t) > 4]
+    assert len(words) == 34483
+    not_single = [t for t in words if simple.bpe(t[:-4]) != t]
+    assert sorted(not_single) == sorted(DEFAULT_WHOLE_WORD_EXCEPTIONS) == []
+    assert compute_whole_word_exceptions(tok) == DEFAULT_WHOLE_WORD_EXCEPTIONS
+    assert tok._merges_sha256 == DEFAULT_MERGES_SHA256 and tok.whole_word_exceptions == DEFAULT_WHOLE_WORD_EXCEPTIONS
+
+
+def test_merge_loop_matches_openai_bpe(ref, captions):
+    """The incremental merge loop (no shortcut) equals OpenAI's ``bpe`` on every vocabulary word, each
+    word's prefixes and suffixes, and every caption pretoken, upper-cased too (nothing is in the vocabulary)."""
+    _, simple = ref
+    tok = Tokenizer()
+    vocab_words = [t[:-4] for t in tok.encoder if t.endswith("</w>") and len(t) > 4]
+    words = set(vocab_words)
+    words.update(w[:k] for w in vocab_words[::7] for k in range(1, len(w)))
+    words.update(w[k:] for w in vocab_words[::11] for k in range(1, len(w)))
+    pretokens = {p for text in captions[:5000] for p in _PRETOKEN_PAT.findall(text.lower())}
+    words.update(byte_encode(p) for p in pretokens)
+    words.update(byte_encode(p.upper()) for p in pretokens)
+    words.update(["aaaaaaaaaaaaaaaaa", "abababababab", "\u0100" * 9, "!!!!!!!!!!!!!!"])
+    for word in sorted(words):
+        expected = tuple(tok.encoder[s] for s in simple.bpe(word).split(" "))
+        assert tok._merge_word(word) == expected, repr(word)
+
+
+def test_pair_ranks_equal_openai_bpe_ranks(ref):
+    """The on-demand pair table agrees with OpenAI's ``bpe_ranks`` on every merge and on non-merges."""
+    _, simple = ref
+    tok = Tokenizer()
+    assert "bpe_ranks" not in tok.__dict__ and "_pair_ranks" not in tok.__dict__  # lazy
+    ranks = tok._pair_ranks
+    for pair, rank in simple.bpe_ranks.items():
+        assert ranks[" ".join(pair)] == rank
+    vocab = list(tok.encoder)
+    rng = random.Random(3)
+    for _ in range(20000):
+        pair = (rng.choice(vocab), rng.choice(vocab))
+        assert (ranks[" ".join(pair)] == simple.bpe_ranks[pair]) if pair in simple.bpe_ranks else ranks[" ".join(pair)] >= NUM_MERGES
+    assert tok.bpe_ranks == simple.bpe_ranks
+
+
+def test_ascii_letter_chunk_is_one_pretoken():
+    """The regex is skipped for an all-ASCII-letters chunk: the pattern gives that chunk as its one match."""
+    from clipforge.tokenizer.factory import _PRETOKEN_PAT as OPEN_CLIP_PAT
+
+    rng = random.Random(5)
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    chunks = [c for c in letters] + ["s", "t", "re", "ve", "m", "ll", "d", "S", "LL", "startoftext", "endoftext"]
+    chunks += ["".join(rng.choice(letters) for _ in range(rng.randint(1, 30))) for _ in range(20000)]
+    for chunk in chunks:
+        assert chunk.isalpha() and chunk.isascii()
+        assert _PRETOKEN_PAT.findall(chunk) == [chunk] == OPEN_CLIP_PAT.findall(chunk), chunk
+
+
+def test_construction_is_lazy_and_tables_agree():
+    """Construction builds the encoder only; the rank and decoder tables appear on first need."""
+    tok = Tokenizer()
+    tok.tokenize(["a dog on the grass", "the cat"])  # whole vocabulary words: no merge table needed
+    assert not {"bpe_ranks", "_pair_ranks", "decoder"} & set(tok.__dict__)
+    tok.tokenize("skateboarder")  # not a token: merges
+    assert "_pair_ranks" in tok.__dict__ and "bpe_ranks" not in tok.__dict__
+    assert tok.decoder == {i: t for t, i in tok.encoder.items()} == get_tokenizer().decoder
+
+
+def test_other_merge_file_is_read_like_openai(tmp_path, ref):
+    """A merge file other than the shipped one (here: CRLF lines, doubled spaces) is normalised like
+    OpenAI's ``split()``, gets its whole-word exceptions computed, and gives the same ids."""
+    import gzip
+
+    clip, _ = ref
+    with gzip.open(DEFAULT_BPE_PATH, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    crlf = tmp_path / "crlf.txt.gz"
+    with gzip.open(crlf, "wb") as f:
+        f.write("\r\n".join([lines[0], *(line.replace(" ", "  ") for line in lines[1:NUM_MERGES + 1])]).encode())
+    tok = Tokenizer(crlf)
+    assert tok._merges_sha256 != DEFAULT_MERGES_SHA256 and tok._exceptions is None
+    assert tok.encoder == get_tokenizer().encoder and tok.bpe_ranks == get_tokenizer().bpe_ranks
+    texts = HARD_CASES + ["skateboarders somersaulting", "ｆｕｌｌ"]
+    _assert_same(tok.tokenize(texts, truncate=True), clip.tokenize(texts, truncate=True), texts)
+    assert tok.whole_word_exceptions == frozenset()
+    short = tmp_path / "short.txt.gz"
+    with gzip.open(short, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines[:1000]))
+    with pytest.raises(TokenizerError, match="49408-token vocabulary"):
+        Tokenizer(short)
+    with pytest.raises(TokenizerError, match="cannot read"):
+        Tokenizer(tmp_path / "missing.txt.gz")
+
+
+def test_all_flickr8k_captions_cold_match_openai(ref, captions):
+    """Every Flickr8k caption (40,455), by a new tokenizer (empty caches), equals OpenAI's ids; the
+    batch of all-fast texts and a mixed batch take different paths."""
+    clip, _ = ref
+    assert len(captions) == 40455
+    expected = clip.tokenize(captions, truncate=True)
+    _assert_same(Tokenizer().tokenize(captions, truncate=True), expected, captions)
+    mixed = captions[:3000] + ["Tom &amp; Jerry", "café"]
+    _assert_same(Tokenizer().tokenize(mixed, truncate=True), clip.tokenize(mixed, truncate=True), mixed)
+    upper = [c.upper() for c in captions[:3000]]  # no upper-case word is a token: every word merges
+    _assert_same(Tokenizer().tokenize(upper, truncate=True), clip.tokenize(upper, truncate=True), upper)
+
+
+def test_merge_file_in_two_gzip_members(tmp_path):
+    """gzip allows concatenated members (gzip.open reads them all); the prefix reader does too."""
+    import gzip
+
+    data = gzip.decompress(DEFAULT_BPE_PATH.read_bytes())
+    cut = data.index(b"\n", 1000) + 1
+    two = tmp_path / "two.txt.gz"
+    two.write_bytes(gzip.compress(data[:cut]) + gzip.compress(data[cut:]))
+    tok = Tokenizer(two)
+    assert tok._merges_sha256 == DEFAULT_MERGES_SHA256 and tok.encoder == get_tokenizer().encoder

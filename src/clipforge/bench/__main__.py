@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--loss-sizes", default=None, help="batch sizes for the loss memory section")
     p.add_argument("--data", type=Path, default=None, help="the shared data folder holding flickr8k/")
-    p.add_argument("--compile", action="store_true", help="also measure for_inference(compile=True) image towers")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure torch.compile modes: clipforge's for_inference(compile=True) image towers, and "
+                        "every peer compiled (embedding and training), each in rows of their own with compile time")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="write all figures as JSON here")
     p.add_argument("--markdown", type=Path, default=None, help="write the table as markdown here")
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, batch in train_specs:
             _log(f"train: {name} batch {batch}")
             impls = build(name, device)
-            rows += train_rows(impls, inputs, batch, device, precisions, reps, args.warmup, ceilings)
+            rows += train_rows(impls, inputs, batch, device, precisions, reps, args.warmup, ceilings, args.compile)
             del impls
             gc.collect()
     if "tokenizer" in only:

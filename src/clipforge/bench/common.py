@@ -37,6 +37,9 @@ class Row:
     agree_ref: float | None = None  # cosine (or id/pixel agreement) against clipforge's float32 reference
     agree_open_clip: float | None = None
     note: str = ""
+    cpu_seconds: list[float] = field(default_factory=list)  # process CPU time of each timed call (all threads)
+    load: float | None = None  # mean 1-minute load average while this row was timed (others' work included)
+    compile_seconds: float | None = None  # the first (compiling) call of a torch.compile row, not in ``value``
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (NaN, for a skipped case, becomes null)."""
@@ -53,11 +56,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+def load_average() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+@dataclass
+class Timing:
+    """What ``interleaved`` saw besides wall time: CPU seconds per call and the load around each call."""
+
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+    load: dict[str, list[float]] = field(default_factory=dict)
+
+    def mean_load(self, name: str) -> float | None:
+        values = self.load.get(name)
+        return statistics.fmean(values) if values else None
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, device: torch.device,
+                timing: Timing | None = None) -> dict[str, list[float]]:
     """Seconds per call of each function, ``reps`` times, after ``warmup`` untimed calls.
 
     Each repetition runs every function once, in a rotating order, so a burst of load from
-    another process lands on all implementations rather than on one.
+    another process lands on all implementations rather than on one. ``timing``, if given,
+    receives each call's process CPU time and the load average, to show how busy the machine was.
     """
     names = list(fns)
     for _ in range(warmup):
@@ -69,11 +90,24 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, devic
         order = names[rep % len(names):] + names[: rep % len(names)]
         for name in order:
             sync(device)
-            start = time.perf_counter()
+            cpu, start = time.process_time(), time.perf_counter()
             fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - start)
+            if timing is not None:
+                timing.cpu.setdefault(name, []).append(time.process_time() - cpu)
+                if (load := load_average()) is not None:
+                    timing.load.setdefault(name, []).append(load)
     return times
+
+
+def first_call_seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall time of one call: for a compiled function, the compilation (plus one run)."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def median(values: list[float]) -> float:
@@ -92,7 +126,7 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, quick: bool) -> dic
         b = torch.randn(n, n, device=device, dtype=dtype)
         fns: dict[str, Callable[[], Any]] = {"mm": lambda a=a, b=b: torch.mm(a, b)}
         if device.type == "cpu" and torch.backends.mkldnn.is_available():
-            from clipforge.models.layers import onednn_available
+            from clipforge.models.inference_layers import onednn_available
 
             if onednn_available(dtype):
                 packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), None)

@@ -83,7 +83,7 @@ def text_flops(config: ModelConfig, tokens: int, pooled_last: bool = False) -> f
 
 def packed_text_flops(config: ModelConfig, lengths: list[int]) -> float:
     """Per-text FLOPs of clipforge's inference text path: packed tokens, padded attention, pooled last layer."""
-    from clipforge.models.layers import PACK_MIN_PADDING
+    from clipforge.models.inference_layers import PACK_MIN_PADDING
 
     t = config.text
     batch, grid = len(lengths), max(lengths)

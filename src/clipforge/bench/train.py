@@ -1,11 +1,13 @@
 """Training-step throughput: zero_grad, forward, contrastive loss, backward, AdamW step.
 
 clipforge runs ``contrastive_step`` and ``make_optimizer`` exactly as ``clipforge train`` does
-(fp32, or ``precision = "bf16"``: autocast). open_clip runs its ``ClipLoss`` with
-``torch.optim.AdamW`` at its defaults, as its training script builds it, in its ``fp32``,
-``amp_bf16`` and ``pure_bf16`` precisions. Hugging Face runs ``CLIPModel(return_loss=True)`` with
-the Trainer's default optimiser (fused AdamW), fp32 and bf16 autocast, on ``padding="max_length"``
-ids as its contrastive-training example tokenizes them.
+(fp32, or ``precision = "bf16"``: autocast). open_clip runs its ``ClipLoss`` in its ``fp32``,
+``amp_bf16`` and ``pure_bf16`` precisions, with ``torch.optim.AdamW`` both as its training script
+builds it (torch's default implementation) and with ``fused=True``, its fastest; with
+``compile`` also through ``torch.compile`` (as its ``--torchcompile`` flag does). Hugging Face
+runs ``CLIPModel(return_loss=True)`` with the Trainer's default optimiser (fused AdamW), fp32 and
+bf16 autocast, on ``padding="max_length"`` ids as its contrastive example tokenizes them and on
+``padding="longest"``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 import clipforge
 from clipforge.bench import flops
-from clipforge.bench.common import Inputs, Row, interleaved, median
+from clipforge.bench.common import Inputs, Row, Timing, first_call_seconds, interleaved, median
 from clipforge.bench.embed import pixels
 from clipforge.bench.impls import Implementations
 from clipforge.models.clip import MAX_LOGIT_SCALE
@@ -58,7 +60,7 @@ class _Mode:
 
 
 def _modes(impls: Implementations, images: torch.Tensor, captions: list[str], device: torch.device,
-           precisions: list[str]) -> dict[str, tuple[str, _Mode, int]]:
+           precisions: list[str], compile: bool = False) -> dict[str, tuple[str, _Mode, int]]:
     """name -> (precision, mode, text tokens processed per sample).
 
     The fp32 and autocast modes of one implementation share its model and optimiser (the weights
@@ -85,46 +87,63 @@ def _modes(impls: Implementations, images: torch.Tensor, captions: list[str], de
 
         modes[f"clipforge {p}"] = (p, _Mode(backward, cf, cf_optimizer, clamp), trimmed)
     if impls.open_clip is not None:
-        import open_clip
-
-        loss_fn = open_clip.ClipLoss()
-        oc_ids = impls.open_clip_tokenizer(captions).to(device)
-        oc = impls.open_clip.train()
-        oc_optimizer = torch.optim.AdamW(oc.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-        variants = [("open_clip fp32", "fp32", False, False), ("open_clip amp_bf16", "bf16", True, False),
-                    ("open_clip pure_bf16", "bf16", False, True)]
-        for name, p, amp, pure in variants:
-            if p not in precisions:
-                continue
-            model, optimizer, x = oc, oc_optimizer, images
-            if pure:
-                model = copy.deepcopy(oc).to(BF16)
-                optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-                x = images.to(BF16)
-
-            context = _autocast(device, amp)
-
-            def backward(m=model, x=x, ac=context) -> None:
-                with ac():
-                    image_f, text_f, scale = m(x, oc_ids)[:3]
-                    loss = loss_fn(image_f, text_f, scale)
-                loss.backward()
-
-            modes[name] = (p, _Mode(backward, model, optimizer), oc_ids.shape[1])
+        modes.update(_open_clip_modes(impls, images, captions, device, precisions, compile))
     if impls.hf is not None:
-        enc = impls.hf_tokenizer(captions, padding="max_length", max_length=ctx, truncation=True, return_tensors="pt")
-        enc = {k: v.to(device) for k, v in enc.items()}
         hf = impls.hf.train()
         hf_optimizer = torch.optim.AdamW(hf.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
-        for p in precisions:
-            context = _autocast(device, p == "bf16")
+        for padding, suffix in (("max_length", ""), ("longest", " padding=longest")):
+            enc = impls.hf_tokenizer(captions, padding=padding, max_length=ctx, truncation=True, return_tensors="pt")
+            enc = {k: v.to(device) for k, v in enc.items()}
+            for p in precisions:
+                context = _autocast(device, p == "bf16")
 
-            def backward(ac=context) -> None:
-                with ac():
-                    loss = hf(pixel_values=images, return_loss=True, **enc).loss
-                loss.backward()
+                def backward(ac=context, enc=enc) -> None:
+                    with ac():
+                        loss = hf(pixel_values=images, return_loss=True, **enc).loss
+                    loss.backward()
 
-            modes[f"HF {p}"] = (p, _Mode(backward, hf, hf_optimizer), enc["input_ids"].shape[1])
+                modes[f"HF {p}{suffix}"] = (p, _Mode(backward, hf, hf_optimizer), enc["input_ids"].shape[1])
+    return modes
+
+
+def _open_clip_modes(impls: Implementations, images: torch.Tensor, captions: list[str], device: torch.device,
+                     precisions: list[str], compile: bool) -> dict[str, tuple[str, _Mode, int]]:
+    """open_clip's precisions, each with its script's AdamW and with the fused one (+ compiled)."""
+    import open_clip
+
+    loss_fn = open_clip.ClipLoss()
+    oc_ids = impls.open_clip_tokenizer(captions).to(device)
+    oc = impls.open_clip.train()
+    optimizers = {fused: torch.optim.AdamW(oc.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=fused or None)
+                  for fused in (False, True)}
+    pure = copy.deepcopy(oc).to(BF16) if "bf16" in precisions else None
+    pure_optimizer = (torch.optim.AdamW(pure.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
+                      if pure is not None else None)
+    modes: dict[str, tuple[str, _Mode, int]] = {}
+
+    def add(name: str, precision: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, amp: bool,
+            forward: Callable[..., Any] | None = None) -> None:
+        if precision not in precisions:
+            return
+        x = images.to(next(model.parameters()).dtype)
+        context, run = _autocast(device, amp), (forward if forward is not None else model)
+
+        def backward() -> None:
+            with context():
+                image_f, text_f, scale = run(x, oc_ids)[:3]
+                loss = loss_fn(image_f, text_f, scale)
+            loss.backward()
+
+        modes[name] = (precision, _Mode(backward, model, optimizer), oc_ids.shape[1])
+
+    add("open_clip fp32", "fp32", oc, optimizers[False], False)
+    add("open_clip fp32 fused AdamW", "fp32", oc, optimizers[True], False)
+    add("open_clip amp_bf16", "bf16", oc, optimizers[False], True)
+    add("open_clip amp_bf16 fused AdamW", "bf16", oc, optimizers[True], True)
+    if pure is not None:
+        add("open_clip pure_bf16 fused AdamW", "bf16", pure, pure_optimizer, False)
+    if compile:
+        add("open_clip amp_bf16 fused AdamW compile", "bf16", oc, optimizers[True], True, torch.compile(oc))
     return modes
 
 
@@ -150,12 +169,15 @@ def _agreement(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor
 
 
 def train_rows(impls: Implementations, inputs: Inputs, batch: int, device: torch.device, precisions: list[str],
-               reps: int, warmup: int, ceilings: dict[str, float]) -> list[Row]:
+               reps: int, warmup: int, ceilings: dict[str, float], compile: bool = False) -> list[Row]:
     """Samples/s of one training step per implementation and precision, with gradient agreement."""
     cf = impls.clipforge
     images = pixels(inputs, cf.image_size, batch).to(device)
     captions = inputs.captions[:batch]
-    modes = _modes(impls, images, captions, device, precisions)
+    modes = _modes(impls, images, captions, device, precisions, compile)
+    # The first forward+backward of a compiled mode compiles; timed apart, before any weight changes.
+    compile_seconds = {name: first_call_seconds(mode.grads, device) for name, (_, mode, _) in modes.items()
+                       if "compile" in name}
     # Gradients of one step from the same weights, before any optimiser step: references first,
     # then each mode compared and dropped (ViT-B/32 gradients are 600 MB each).
     def gradients(name: str) -> dict[str, torch.Tensor]:
@@ -171,7 +193,8 @@ def train_rows(impls: Implementations, inputs: Inputs, batch: int, device: torch
         agreements[name] = (_agreement(g, reference), _agreement(g, oc_ref) if oc_ref is not None else None)
         del g
     references.clear()
-    times = interleaved({name: mode.step for name, (_, mode, _) in modes.items()}, reps, warmup, device)
+    timing = Timing()
+    times = interleaved({name: mode.step for name, (_, mode, _) in modes.items()}, reps, warmup, device, timing)
     rows = []
     for name, (precision, _, tokens) in modes.items():
         value = batch / median(times[name])
@@ -181,5 +204,8 @@ def train_rows(impls: Implementations, inputs: Inputs, batch: int, device: torch
                         value=value, unit="samples/s", seconds=times[name], flops=per_sample,
                         mfu=value * per_sample / (ceilings[precision] * 1e9) if precision in ceilings else None,
                         agree_ref=flat, agree_open_clip=vs_oc[0] if vs_oc else None,
-                        note=f"text tokens {tokens}; worst weight-matrix grad cosine {worst:.6f} ({worst_key})"))
+                        cpu_seconds=timing.cpu.get(name, []), load=timing.mean_load(name),
+                        compile_seconds=compile_seconds.get(name),
+                        note=(f"compiled in {compile_seconds[name]:.0f} s; " if name in compile_seconds else "")
+                        + f"text tokens {tokens}; worst weight-matrix grad cosine {worst:.6f} ({worst_key})"))
     return rows

@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   clipforge embed 'shards/{00000..00099}.tar' out/ --model ViT-B-32 --caption-column txt
   clipforge embed --texts queries.txt out/ --model ViT-B-32
   torchrun --nproc_per_node 8 -m clipforge embed photos/ out/ --model ViT-L-14 --device cuda
+  clipforge embed photos/ out/ --model vit-b-32-onnx/     # a clipforge export folder: onnxruntime, no torch
 
 The output is clip-retrieval's: img_emb/img_emb_N.npy, text_emb/text_emb_N.npy, metadata/metadata_N.parquet
 (image_path, caption, size, mtime), plus embed_info.json and skipped.tsv; autofaiss and clip-retrieval
@@ -34,7 +35,8 @@ def add_embed_parser(sub: argparse._SubParsersAction, gelu_help: str) -> argpars
                              "shards ('shards/{00000..00099}.tar'); omitted with --texts")
     parser.add_argument("out", help="output folder (new, empty, or an earlier run's, which is resumed)")
     parser.add_argument("--model", required=True,
-                        help="checkpoint path, released name (ViT-B-32), ARCH/TAG or hf-hub:ORG/REPO")
+                        help="checkpoint path, released name (ViT-B-32), ARCH/TAG, hf-hub:ORG/REPO, or a folder written "
+                             "by clipforge export --to onnx (runs on onnxruntime without torch)")
     parser.add_argument("--texts", default=None, metavar="FILE",
                         help="embed texts only: a file with one text per line, or a CSV/TSV with --caption-column")
     parser.add_argument("--image-column", default=None,
@@ -80,8 +82,28 @@ def _device(text: str):
     return device
 
 
+def load_onnx_model(args: argparse.Namespace) -> tuple:
+    """(OnnxCLIP, its preprocess) for --model naming an export folder; options that only mean something for a
+    checkpoint are refused in one sentence."""
+    from clipforge.runtime import check_cpu_device
+    from clipforge.runtime.onnx_model import OnnxCLIP
+
+    check_cpu_device(args.device)
+    given = [f"--{name.replace('_', '-')}" for name in ("model_config", "pretrained", "image_size")
+             if getattr(args, name, None) is not None]
+    if getattr(args, "quick_gelu", None) is not None:
+        given.append("--quick-gelu")
+    if getattr(args, "precision", "auto") not in ("auto", "fp32"):
+        raise ClipforgeError(f"--precision {args.precision} is not available for an ONNX export, which onnxruntime "
+                             "runs in float32; drop it or pass --precision fp32")
+    if given:
+        raise ClipforgeError(f"{given[0]} does not apply to an ONNX export (it is fixed when exporting); drop it, or "
+                             "pass it to clipforge export")
+    model = OnnxCLIP.load(args.model, threads=getattr(args, "threads", None))
+    return model, model.preprocess
+
+
 def run_embed_command(args: argparse.Namespace) -> int:
-    from clipforge.checkpoints import load
     from clipforge.cli.main import apply_threads
     from clipforge.collection.embed import embed_collection, resolve_rank
     from clipforge.collection.layout import INFO_NAME, SKIPPED_NAME, require_pyarrow
@@ -101,10 +123,18 @@ def run_embed_command(args: argparse.Namespace) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ClipforgeError(f"output '{args.out}' is a file; pass a folder (new, empty, or an earlier run's)")
     rank, world = resolve_rank()
-    device = _device(args.device)
-    apply_threads(args)
-    model, preprocess = load(args.model, device=device, quick_gelu=args.quick_gelu, model=args.model_config,
-                             pretrained=args.pretrained, image_size=args.image_size)
+    from clipforge.runtime import is_onnx_export
+
+    if is_onnx_export(args.model):  # onnxruntime; torch is never imported
+        apply_threads(args, torch_too=False)
+        model, preprocess = load_onnx_model(args)
+    else:
+        from clipforge.checkpoints import load
+
+        device = _device(args.device)
+        apply_threads(args)
+        model, preprocess = load(args.model, device=device, quick_gelu=args.quick_gelu, model=args.model_config,
+                                 pretrained=args.pretrained, image_size=args.image_size)
     shown = str(args.model)[:120]
     if "img" in source.kinds and preprocess is None:
         raise ClipforgeError(f"'{shown}' is a text-only model, which cannot embed images; pass a CLIP model with an "

@@ -27,7 +27,8 @@ def add_index_parser(sub: argparse._SubParsersAction, gelu_help: str) -> argpars
     index.add_argument("index_dir", metavar="INDEX", help="index folder to write (replaced whole when complete)")
     index.add_argument("--model", default=None,
                        help="model that embeds the images (needed for an image folder; an embeddings folder names "
-                            "its own): checkpoint path, released name (ViT-B-32), ARCH/TAG or hf-hub:ORG/REPO")
+                            "its own): checkpoint path, released name (ViT-B-32), ARCH/TAG, hf-hub:ORG/REPO, or a "
+                            "clipforge export --to onnx folder (onnxruntime, no torch)")
     index.add_argument("--kind", choices=("exact", "ivfpq", "hnsw"), default="exact",
                        help="exact (scan every vector; fine to a few million), ivfpq or hnsw (faiss, approximate)")
     index.add_argument("--full", action="store_true", help="embed every image again instead of reusing unchanged ones")
@@ -48,7 +49,6 @@ def add_index_parser(sub: argparse._SubParsersAction, gelu_help: str) -> argpars
 def run_index_command(args: argparse.Namespace) -> int:
     import sys
 
-    from clipforge.cli.devices import resolve_device
     from clipforge.cli.main import apply_threads
     from clipforge.collection.index import build_index
 
@@ -57,8 +57,20 @@ def run_index_command(args: argparse.Namespace) -> int:
             or args.model is None and args.quick_gelu is not None:
         raise ClipforgeError("--model-config, --pretrained, --image-size and --quick-gelu describe --model; pass "
                              "--model too")
-    device = resolve_device(args.device)
-    apply_threads(args)
+    from clipforge.runtime import check_cpu_device, is_onnx_export
+
+    onnx = is_onnx_export(args.model) or (args.model is None and _embedded_by_onnx(args.source_path))
+    if onnx:  # onnxruntime on the CPU; torch is never imported
+        if any(getattr(args, name) is not None for name in ("model_config", "pretrained", "image_size",
+                                                              "quick_gelu")):
+            raise ClipforgeError("--model-config, --pretrained, --image-size and --quick-gelu do not apply to an "
+                                 "ONNX export (they are fixed when exporting); drop them")
+        device = check_cpu_device(args.device)
+    else:
+        from clipforge.cli.devices import resolve_device
+
+        device = resolve_device(args.device)
+    apply_threads(args, torch_too=not onnx)
     started = time.time()
     index = build_index(args.source_path, args.index_dir, model=args.model, pretrained=args.pretrained,
                         quick_gelu=args.quick_gelu, model_config=args.model_config, image_size=args.image_size,
@@ -77,3 +89,21 @@ def run_index_command(args: argparse.Namespace) -> int:
         print(f"recall@{RECALL_K} against exact search on {min(args.recall_queries, len(index))} held-out queries: "
               f"{recall:.3f} ({time.time() - measured:.1f} s to measure)")
     return 1 if build.get("skipped") else 0
+
+
+def _embedded_by_onnx(source: str) -> bool:
+    """Whether SOURCE is an embeddings folder whose embed_info.json names an ONNX export as its model."""
+    import json
+    import os
+
+    from clipforge.runtime import is_onnx_export
+
+    try:
+        with open(os.path.join(source, "embed_info.json"), encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return False
+    model = info.get("model") if isinstance(info, dict) else None
+    if isinstance(model, dict):
+        model = model.get("model") or model.get("source")
+    return isinstance(model, str) and is_onnx_export(model)

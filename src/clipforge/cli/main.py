@@ -42,17 +42,30 @@ def _int_at_least(text: str, low: int, what: str) -> int:
     return value
 
 
+def threads_value(text: str) -> int | str:
+    """argparse type for --threads: a positive whole number or 'auto'."""
+    return "auto" if text.strip().lower() == "auto" else positive_int(text)
+
+
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="CPU threads torch uses (default: torch's choice, usually one per core)")
+    parser.add_argument("--threads", type=threads_value, default=None,
+                        help="CPU threads: N, or auto (the cores other jobs leave free); default one per physical core "
+                             "this process may use (affinity, container quota), shared among local ranks")
 
 
-def apply_threads(args: argparse.Namespace) -> None:
-    """torch.set_num_threads for --threads, so a shared machine can be asked for fewer cores."""
-    if getattr(args, "threads", None):
+def apply_threads(args: argparse.Namespace, torch_too: bool = True) -> None:
+    """--threads (or clipforge.threads' default) for torch and for onnxruntime, so threads never outnumber cores;
+    ``torch_too=False`` on the ONNX path, which must not import torch."""
+    from clipforge.runtime.onnx_model import set_default_threads
+    from clipforge.threads import choose_threads
+
+    count = choose_threads(getattr(args, "threads", None))
+    set_default_threads(count)
+    if torch_too:
         import torch
 
-        torch.set_num_threads(args.threads)
+        if torch.get_num_threads() != count:
+            torch.set_num_threads(count)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -123,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_classify_parser(sub, gelu_help)
     add_convert_parser(sub, gelu_help)
+
+    from clipforge.cli.export_command import add_export_parser
+
+    add_export_parser(sub, gelu_help)
 
     from clipforge.training.config_help import training_options_help
 

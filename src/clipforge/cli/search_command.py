@@ -93,17 +93,17 @@ def run_search_command(args: argparse.Namespace) -> int:
     from clipforge.collection import search
     from clipforge.collection.index import load_index
 
-    apply_threads(args)
     index = load_index(args.index_dir)
+    apply_threads(args, torch_too=not _onnx_index(index))
     options = _options(args)
     if args.text is not None:
         if not args.text.strip():
             raise ClipforgeError("--text is empty; type some words to search for")
         query: dict[str, Any] = {"text": args.text}
-        hits = search.search_text(index, args.text, args.k, device=_device(args), **options)
+        hits = search.search_text(index, args.text, args.k, device=_device(args, index), **options)
     elif args.image is not None:
         query = {"image": args.image}
-        hits = search.search_image(index, args.image, args.k, device=_device(args), **options)
+        hits = search.search_image(index, args.image, args.k, device=_device(args, index), **options)
     elif args.embedding is not None:
         query = {"embedding": args.embedding}
         hits = search.search_embedding(index, _read_embedding(args.embedding), args.k, **options)
@@ -122,7 +122,18 @@ def run_search_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(args: argparse.Namespace) -> Any:
+def _onnx_index(index: Any) -> bool:
+    """Whether the index's query model is an ONNX export (then torch is never imported)."""
+    from clipforge.runtime import is_onnx_export
+
+    return bool(index.model_spec) and is_onnx_export(index.model_spec.get("source"))
+
+
+def _device(args: argparse.Namespace, index: Any) -> Any:
+    if _onnx_index(index):
+        from clipforge.runtime import check_cpu_device
+
+        return check_cpu_device(args.device)
     from clipforge.cli.devices import resolve_device
 
     return resolve_device(args.device)
@@ -133,8 +144,8 @@ def run_dedup_command(args: argparse.Namespace) -> int:
     from clipforge.collection.index import load_index
     from clipforge.collection.search import near_duplicates
 
-    apply_threads(args)
     index = load_index(args.index_dir)
+    apply_threads(args, torch_too=not _onnx_index(index))
     pairs = near_duplicates(index, args.threshold, args.k, progress=len(index) > 100_000 and sys.stderr.isatty(),
                             **_options(args))
     paths = index.items.column("image_path")

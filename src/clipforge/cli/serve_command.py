@@ -87,10 +87,19 @@ def run_serve_command(args: argparse.Namespace) -> int:
     require_web_stack()
     import uvicorn
 
-    from clipforge.cli.devices import resolve_device
+    from clipforge.cli.search_command import _onnx_index
+    from clipforge.collection.index import load_index
 
-    device = str(resolve_device(args.device))
-    apply_threads(args)
+    onnx = _onnx_index(load_index(args.index))
+    if onnx:  # onnxruntime on the CPU; torch is never imported
+        from clipforge.runtime import check_cpu_device
+
+        device = check_cpu_device(args.device)
+    else:
+        from clipforge.cli.devices import resolve_device
+
+        device = str(resolve_device(args.device))
+    apply_threads(args, torch_too=not onnx)
     sock = bind(args.host, args.port)
     loopback = is_loopback(args.host)
     if not loopback:

@@ -16,10 +16,9 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from clipforge.collection import layout, resume
 from clipforge.collection.layout import (
@@ -28,18 +27,16 @@ from clipforge.collection.layout import (
     SKIPPED_NAME,
     EmbedInfo,
 )
-from clipforge.collection.pipeline import (
-    Encoder,
-    Progress,
-    batches,
-    model_device,
-    precision_dtype,
-)
+from clipforge.collection.progress import Progress
 from clipforge.collection.sources import ImageListSource, Source, open_source
 from clipforge.data.skips import (
     SkipRecord,
 )
 from clipforge.errors import ClipforgeError
+from clipforge.runtime import is_onnx_model
+
+if TYPE_CHECKING:  # torch is imported where a torch model is used, so the ONNX path runs without it
+    import torch
 
 __all__ = ["embed_collection", "embed_image_files", "resolve_rank"]
 
@@ -70,8 +67,8 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
 
 def _storage_dtype(dtype: Any) -> np.dtype:
     """The dtype the arrays are stored in: float16 (default, as clip-retrieval) or float32."""
-    if isinstance(dtype, torch.dtype):
-        if dtype == torch.bfloat16:
+    if type(dtype).__name__ == "dtype" and type(dtype).__module__ == "torch":  # a torch.dtype
+        if str(dtype) == "torch.bfloat16":
             raise ClipforgeError("dtype is how embeddings are stored (float16 or float32); numpy cannot store "
                                  "bfloat16: pass precision='bf16' to compute in it")
         dtype = str(dtype).replace("torch.", "")
@@ -83,7 +80,11 @@ def _storage_dtype(dtype: Any) -> np.dtype:
 
 def _weights_digest(model: torch.nn.Module) -> str:
     """Config plus a cheap sample of the weights (sums of the first and last tensors): tells models apart
-    without hashing gigabytes."""
+    without hashing gigabytes. An ONNX export gives its own (the torch model's, marked as ONNX)."""
+    if is_onnx_model(model):
+        return model.weights_digest()
+    import torch
+
     h = hashlib.blake2b(digest_size=16)
     config = getattr(model, "config", None)
     h.update(json.dumps(config.to_dict() if config is not None else {}, sort_keys=True, default=str).encode())
@@ -106,28 +107,59 @@ def _kinds(kind: str, source: Source) -> tuple[str, ...]:
     return tuple(wanted)
 
 
+def _compute_dtype(model: Any, precision: str) -> Any:
+    """The torch compute dtype for ``precision``; None for an ONNX export, which computes in float32."""
+    if is_onnx_model(model):
+        if precision not in ("auto", "fp32"):
+            raise ClipforgeError(f"precision {precision!r} is not available for an ONNX export, which onnxruntime "
+                                 "runs in float32; use precision fp32 (or auto)")
+        return None
+    from clipforge.collection.pipeline import model_device, precision_dtype
+
+    return precision_dtype(precision, model_device(model))
+
+
+def _backend(model: Any, compute: Any, note: Callable[[str], None]) -> tuple[Callable, Callable, Any]:
+    """(encoder, batches, device): onnxruntime with threads for an ``OnnxCLIP``, else torch with DataLoader workers."""
+    if is_onnx_model(model):
+        from clipforge.collection.onnx_pipeline import OnnxEncoder, numpy_batches
+
+        return OnnxEncoder(model), numpy_batches, None
+    import torch
+
+    from clipforge.collection.pipeline import Encoder, batches
+
+    encoder = Encoder(model, torch.float32 if compute is None else compute, note)
+    return encoder, batches, encoder.device
+
+
+def _numpy(features: Any) -> np.ndarray:
+    return features if isinstance(features, np.ndarray) else features.numpy()
+
+
 def embed_image_files(model: torch.nn.Module, preprocess: Callable[[Any], torch.Tensor],
                       paths: Sequence[str | os.PathLike], *, batch_size: int = 64, num_workers: int = 2,
-                      dtype: torch.dtype = torch.float32,
+                      dtype: torch.dtype | None = None,
                       progress: bool = False) -> tuple[np.ndarray, list[int], list[SkipRecord]]:
     """(float32 L2-normalised embeddings of the readable images, their indices into paths, skip records).
 
     Decoding runs in ``num_workers`` DataLoader workers. ``dtype`` is the model's compute dtype
-    (``for_inference``); a reduced one is checked against float32 on the first batch. Skip records name
-    each unreadable file (``source``: the path) under a ``clipforge.data.skips`` reason.
+    (``for_inference``, default float32); a reduced one is checked against float32 on the first batch. Skip
+    records name each unreadable file (``source``: the path) under a ``clipforge.data.skips`` reason. An
+    ``OnnxCLIP`` (with its own ``preprocess``) runs on onnxruntime, in float32, without torch.
     """
     source = ImageListSource(paths)
     dim = int(model.config.embed_dim)
     if not len(source):
         return np.zeros((0, dim), np.float32), [], []
-    encoder = Encoder(model, dtype, lambda line: print(line, flush=True))
+    encoder, batches, device = _backend(model, dtype, lambda line: print(line, flush=True))
     meter = Progress(len(source), "image", progress)
     chunks, kept, skips = [], [], []
     for _, batch in batches(source, [(0, 0, len(source))], preprocess=preprocess, tokenizer=None, image=True,
-                            batch_size=batch_size, num_workers=num_workers, device=encoder.device):
+                            batch_size=batch_size, num_workers=num_workers, device=device):
         skips += [SkipRecord(0, source.name(i), reason, detail) for i, reason, detail in batch["skips"]]
         if batch["indices"]:
-            chunks.append(encoder(batch["pixels"], None)[0].numpy())
+            chunks.append(_numpy(encoder(batch["pixels"], None)[0]))
             kept += batch["indices"]
         meter.update(batch["count"])
     meter.close()
@@ -158,7 +190,7 @@ def embed_collection(source: Source | str | os.PathLike, out_dir: str | os.PathL
         raise ClipforgeError("embedding images needs the model's preprocess transform; pass the one load() returned")
     rank, world = resolve_rank(rank, world_size)
     store = _storage_dtype(dtype)
-    compute = precision_dtype(precision, model_device(model))
+    compute = _compute_dtype(model, precision)
     out = resume.prepare_out(Path(out_dir))
     for sub in [EMB_DIRS[k] for k in kinds] + [METADATA_DIR]:  # as clip-retrieval: only the kinds embedded
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -213,14 +245,15 @@ def embed_collection(source: Source | str | os.PathLike, out_dir: str | os.PathL
 
 def _embed_parts(src: Source, out: Path, model: torch.nn.Module, preprocess: Callable[[Any], torch.Tensor] | None,
                  kinds: Sequence[str], pending: Sequence[int], *, part_size: int, width: int, store: np.dtype,
-                 compute: torch.dtype, batch_size: int, num_workers: int, settings: Mapping[str, Any],
+                 compute: torch.dtype | None, batch_size: int, num_workers: int, settings: Mapping[str, Any],
                  progress: Progress) -> None:
     """Encode the pending parts through one DataLoader, writing each part as soon as its last batch is done."""
     total = len(src)
-    device = model_device(model)
-    encoder = Encoder(model, compute, progress.say)
+    encoder, batches, device = _backend(model, compute, progress.say)
     tokenizer = None
-    if "text" in kinds:
+    if "text" in kinds and is_onnx_model(model):
+        tokenizer = model.tokenize
+    elif "text" in kinds:
         from clipforge.tokenizer.factory import get_tokenizer
 
         tokenizer = get_tokenizer(model)
@@ -238,7 +271,7 @@ def _embed_parts(src: Source, out: Path, model: torch.nn.Module, preprocess: Cal
                 images, texts = encoder(batch["pixels"], batch["tokens"])
                 for name, features in (("img", images), ("text", texts)):
                     if features is not None:
-                        part[name].append(features.numpy().astype(store))
+                        part[name].append(_numpy(features).astype(store))
                 part["rows"] += batch["rows"]
             progress.update(batch["count"])
             left[n] -= 1

@@ -54,7 +54,21 @@ class DuplicatePair(NamedTuple):
 
 
 def load_model(spec: dict[str, Any], device: Any = "cpu") -> tuple[CLIP, Callable[[Any], torch.Tensor] | None]:
-    """(model, preprocess) for a model spec (index.json's ``model``), loaded once per spec and device."""
+    """(model, preprocess) for a model spec (index.json's ``model``), loaded once per spec and device.
+
+    A spec whose source is an ONNX export folder gives an ``OnnxCLIP`` (onnxruntime, no torch import).
+    """
+    from clipforge.runtime import check_cpu_device, is_onnx_export
+
+    if is_onnx_export(spec.get("source")):
+        key = (json.dumps(spec, sort_keys=True, default=str), check_cpu_device(device))
+        with _MODELS_LOCK:
+            if key not in _MODELS:
+                from clipforge.runtime.onnx_model import OnnxCLIP
+
+                model = OnnxCLIP.load(spec["source"])
+                _MODELS[key] = (model, model.preprocess)
+            return _MODELS[key]
     import torch
 
     from clipforge.checkpoints import load
@@ -95,14 +109,16 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 def encode_text_queries(model: CLIP, texts: str | Sequence[str]) -> np.ndarray:
     """L2-normalised float32 [Q, E] text embeddings, with the model's own tokenizer and context length."""
-    import torch
-
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise ClipforgeError("no text queries given; pass at least one text")
     for text in texts:
         if not isinstance(text, str) or not text.strip():
             raise ClipforgeError(f"text query {str(text)[:40]!r} is empty; type some words to search for")
+    if getattr(model, "backend", None) == "onnx":
+        return model.encode_text(texts, batch_size=TEXT_BATCH)
+    import torch
+
     device, out = _device_of(model), []
     with torch.no_grad():
         for start in range(0, len(texts), TEXT_BATCH):
@@ -114,7 +130,6 @@ def encode_text_queries(model: CLIP, texts: str | Sequence[str]) -> np.ndarray:
 def encode_image_queries(model: CLIP, preprocess: Callable[[Any], torch.Tensor],
                          images: str | os.PathLike | Image.Image | Sequence[Any]) -> np.ndarray:
     """L2-normalised float32 [Q, E] embeddings of image files or PIL images (a bad file is one sentence)."""
-    import torch
     from PIL import Image
 
     from clipforge.transforms import load_image
@@ -125,6 +140,12 @@ def encode_image_queries(model: CLIP, preprocess: Callable[[Any], torch.Tensor],
     images = [images] if single else list(images)  # type: ignore[list-item]
     if not images:
         raise ClipforgeError("no image queries given; pass at least one image")
+    if getattr(model, "backend", None) == "onnx":
+        pixels = [preprocess(image if isinstance(image, Image.Image) else load_image(image)) for image in images]
+        return np.concatenate([model.encode_image_pixels(np.stack(pixels[start:start + IMAGE_BATCH]))
+                               for start in range(0, len(pixels), IMAGE_BATCH)])
+    import torch
+
     device, out = _device_of(model), []
     with torch.no_grad():
         for start in range(0, len(images), IMAGE_BATCH):

@@ -8,38 +8,27 @@
 
 Bad samples are dropped, never replaced by another row; the reason names (``MISSING_FILE``, ...) are
 shared with ``make-shards`` and evaluation. ``webdataset`` is imported only when a webdataset source is built.
+
+Names are imported on first use (PEP 562), so ``clipforge.data.skips`` and ``csv_dataset`` (used by the
+collection commands on the onnxruntime path) load without torch.
 """
 
-from clipforge.data.csv_dataset import BadSample, CsvSource
-from clipforge.data.loader import (
-    MAX_CONSECUTIVE_BAD,
-    TYPES,
-    Batch,
-    DataConfig,
-    MapTrainData,
-    TrainData,
-    build_train_data,
-)
-from clipforge.data.skips import (
-    BAD_UTF8,
-    CORRUPT_SHARD,
-    EMPTY_CAPTION,
-    MALFORMED_ROW,
-    MISSING_CAPTION,
-    MISSING_FILE,
-    MISSING_IMAGE,
-    MISSING_SHARD,
-    REASONS,
-    UNREADABLE_IMAGE,
-    SkipLedger,
-    SkipRecord,
-    count_reasons,
-    format_counts,
-    gather_records,
-    read_skipped_tsv,
-    write_skipped_tsv,
-)
-from clipforge.data.synthetic import EVAL_OFFSET, SyntheticCaptions, eval_pairs, synthetic_pair
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from clipforge.lazy import lazy_attributes
+
+_LAZY = {
+    **dict.fromkeys(["BadSample", "CsvSource"], "csv_dataset"),
+    **dict.fromkeys(["MAX_CONSECUTIVE_BAD", "TYPES", "Batch", "DataConfig", "MapTrainData", "TrainData",
+                     "build_train_data"], "loader"),
+    **dict.fromkeys(["BAD_UTF8", "CORRUPT_SHARD", "EMPTY_CAPTION", "MALFORMED_ROW", "MISSING_CAPTION", "MISSING_FILE",
+                     "MISSING_IMAGE", "MISSING_SHARD", "REASONS", "UNREADABLE_IMAGE", "SkipLedger", "SkipRecord",
+                     "count_reasons", "format_counts", "gather_records", "read_skipped_tsv", "write_skipped_tsv"],
+                    "skips"),
+    **dict.fromkeys(["EVAL_OFFSET", "SyntheticCaptions", "eval_pairs", "synthetic_pair"], "synthetic"),
+}
 
 __all__ = [
     "BAD_UTF8",
@@ -73,3 +62,38 @@ __all__ = [
     "synthetic_pair",
     "write_skipped_tsv",
 ]
+
+if TYPE_CHECKING:
+    from clipforge.data.csv_dataset import BadSample, CsvSource
+    from clipforge.data.loader import (
+        MAX_CONSECUTIVE_BAD,
+        TYPES,
+        Batch,
+        DataConfig,
+        MapTrainData,
+        TrainData,
+        build_train_data,
+    )
+    from clipforge.data.skips import (
+        BAD_UTF8,
+        CORRUPT_SHARD,
+        EMPTY_CAPTION,
+        MALFORMED_ROW,
+        MISSING_CAPTION,
+        MISSING_FILE,
+        MISSING_IMAGE,
+        MISSING_SHARD,
+        REASONS,
+        UNREADABLE_IMAGE,
+        SkipLedger,
+        SkipRecord,
+        count_reasons,
+        format_counts,
+        gather_records,
+        read_skipped_tsv,
+        write_skipped_tsv,
+    )
+    from clipforge.data.synthetic import EVAL_OFFSET, SyntheticCaptions, eval_pairs, synthetic_pair
+
+
+__getattr__ = lazy_attributes(__name__, _LAZY, "clipforge.data.")

@@ -20,13 +20,8 @@ from torch import nn
 
 from clipforge.errors import InputError
 from clipforge.models.config import ModelConfig, TextConfig
-from clipforge.models.layers import (
-    InferenceTransformer,
-    LayerNorm,
-    Transformer,
-    float_copy,
-    layer_norm,
-)
+from clipforge.models.inference_layers import InferenceTransformer, float_copy, layer_norm
+from clipforge.models.layers import LayerNorm, Transformer
 from clipforge.models.modified_resnet import InferenceResNet, ModifiedResNet
 from clipforge.models.vision_transformer import (
     InferenceVisionTransformer,
@@ -201,11 +196,13 @@ class CLIP(nn.Module):
     def visual_dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
 
-    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    def encode_text(self, text: torch.Tensor, normalize: bool = False, trim: bool = True) -> torch.Tensor:
+        """Text features. A causal tower first drops the columns after the batch's last [EOS] (they never
+        reach a pooled token); ``trim=False`` keeps them, e.g. for a traced graph whose length must stay dynamic."""
         config = self._text()
         check_text_length(text, self.context_length)
         positions = pooled_positions(text, config)
-        if config.causal and positions is not None and not config.embed_cls:
+        if trim and config.causal and positions is not None and not config.embed_cls:
             text, positions = trim_to_pooled(text, positions)
         dtype = self.token_embedding.weight.dtype
         x = self.token_embedding(text).to(dtype)
@@ -344,7 +341,7 @@ class InferenceCLIP(nn.Module):
         if not text.shape[0]:
             return self.text_projection.new_zeros(0, self.text_projection.shape[1])
         x = F.embedding(text, self.token_embedding) + self.positional_embedding[: text.shape[1]]
-        x = self.transformer(x, pool=eot, causal=True)  # [B, D]: only each [EOS] row
+        x = self.transformer(x, pool=eot, causal=True, ids=text)  # [B, D]: only each [EOS] row
         features = layer_norm(x.float(), self.ln_final) @ self.text_projection
         return F.normalize(features, dim=-1) if normalize else features
 

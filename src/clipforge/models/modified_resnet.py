@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.models.layers import FrozenLinear, onednn_available
+from clipforge.models.inference_layers import FrozenLinear, onednn_available
 
 
 class Bottleneck(nn.Module):
@@ -178,6 +178,9 @@ class _InferenceBottleneck:
         return self.conv3(out, residual=identity)
 
 
+CPU_SUB_BATCH = 8  # images per pass of the frozen ResNet on CPU
+
+
 class InferenceResNet(nn.Module):
     """ModifiedResNet frozen for inference in ``dtype``; returns float32 features.
 
@@ -201,6 +204,11 @@ class InferenceResNet(nn.Module):
         self.c_proj = FrozenLinear(pool.c_proj.weight.float(), pool.c_proj.bias.float(), torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.shape[0] > CPU_SUB_BATCH:
+            # Images are independent here (BatchNorm is folded): sub-batches keep the large early
+            # activations in cache and in reused heap memory instead of fresh, page-faulting mmaps
+            # (RN50 bf16, 1 thread: 13.3 -> 15.1 images/s at batch 32).
+            return torch.cat([self.forward(part) for part in x.split(CPU_SUB_BATCH)])
         x = x.to(self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -7,14 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.models.config import VisionConfig
-from clipforge.models.layers import (
-    FrozenLinear,
-    InferenceTransformer,
-    LayerNorm,
-    Transformer,
-    float_copy,
-    layer_norm,
-)
+from clipforge.models.inference_layers import FrozenLinear, InferenceTransformer, float_copy, layer_norm
+from clipforge.models.layers import LayerNorm, Transformer
 
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -3,7 +3,15 @@
 The ids are part of every CLIP checkpoint's definition, so exactness comes first. Speed comes from
 (1) skipping ftfy/html for printable-ASCII text without ``&`` (both are the identity there),
 (2) caching ids per ' '-separated chunk of cleaned text, so a known word costs one dict hit at
-C speed, and (3) building the output from packed int32 bytes with one numpy assignment.
+C speed, (3) a whole-word shortcut for new words: when ``word</w>`` is a vocabulary token, greedy BPE
+ends in exactly that token (checked for every vocabulary entry, ``whole_word_exceptions``), so most
+words cost one dict lookup instead of a merge loop, and an all-ASCII-letters chunk is one pretoken, so
+the regex is skipped for it, (4) for the other words, a merge loop that ranks the pairs with C-level
+``map`` once and then updates only a merge's neighbours, with each pair's rank computed on first use
+from the vocabulary (merge ``r`` makes token ``512 + r``) instead of hashing all 48,894 merges,
+(5) building the output from packed int32 bytes with one numpy assignment, and (6) cheap
+construction: only the used prefix of the merge list is decompressed; OpenAI's ``bpe_ranks`` and the
+decoder are built on first access.
 
 ``bpe_simple_vocab_16e6.txt.gz`` is OpenAI CLIP's merge list (MIT, github.com/openai/CLIP),
 copied unchanged from the clip-anytorch package.
@@ -12,9 +20,13 @@ copied unchanged from the clip-anytorch package.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import html
+import sys
+import zlib
+from array import array
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +35,7 @@ import numpy as np
 import regex
 
 from clipforge.errors import TokenizerError
+from clipforge.tokenizer.rows import encode_rows, pack_rows
 
 DEFAULT_BPE_PATH = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 SOT_TOKEN = "<|startoftext|>"
@@ -32,6 +45,12 @@ EOT_TOKEN_ID = 49407
 VOCAB_SIZE = 49408
 NUM_MERGES = 49152 - 256 - 2  # OpenAI uses the first 48894 merges of the file
 DEFAULT_CACHE_SIZE = 1 << 18  # entries per cache; a full cache is cleared (bounded memory)
+# sha256 of the used part of the default merge file (the header line and the first NUM_MERGES lines,
+# '\n'-separated), and the vocabulary tokens ``w</w>`` whose BPE is not that one token: none for
+# CLIP's vocabulary (tests/test_tokenizer.py recomputes both). Other merge files compute theirs.
+DEFAULT_MERGES_SHA256 = "6e881f7ff9ad0a6b1eff3087dfc80d6a3531c8f2ad2e89ecbc357113970c815d"
+DEFAULT_WHOLE_WORD_EXCEPTIONS: frozenset[str] = frozenset()
+_NO_RANK = 1 << 30
 
 # OpenAI's pretokenizer, applied (like OpenAI) to cleaned, lower-cased text.
 _PRETOKEN_PAT = regex.compile(
@@ -39,8 +58,7 @@ _PRETOKEN_PAT = regex.compile(
     regex.IGNORECASE,
 )
 _WHITESPACE = regex.compile(r"\s+")
-_SOT_BYTES = np.array([SOT_TOKEN_ID], dtype=np.int32).tobytes()
-_EOT_BYTES = np.array([EOT_TOKEN_ID], dtype=np.int32).tobytes()
+_BYTEORDER = sys.byteorder  # packed ids are native int32, as np.frombuffer(..., np.int32) reads them
 
 
 @lru_cache(maxsize=1)
@@ -78,6 +96,57 @@ def split_chunks(text: str) -> list[str]:
     return clean_text(text).split(" ")
 
 
+@lru_cache(maxsize=1)
+def _byte_translation() -> dict[int, str]:
+    """``str.translate`` table: latin-1 character ``chr(b)`` -> byte ``b``'s BPE character."""
+    return dict(bytes_to_unicode())
+
+
+def byte_encode(pretoken: str) -> str:
+    """OpenAI's ``''.join(byte_encoder[b] for b in pretoken.encode('utf-8'))``, at C speed."""
+    return pretoken.encode("utf-8").decode("latin-1").translate(_byte_translation())
+
+
+def _read_merge_lines(path: Path) -> tuple[str, list[str], str]:
+    """The header line plus the first NUM_MERGES lines of a gzip merge file ('\n'-joined), those
+    lines, and the sha256 of that text's UTF-8 bytes.
+
+    Only the needed prefix (~0.64 of 3.2 MB) is decompressed; '\r\n'/'\r' become '\n' as in text mode.
+    """
+    inflate = zlib.decompressobj(wbits=31)  # gzip container
+    parts: list[bytes] = []
+    newlines, read_all = 0, False
+    try:
+        with open(path, "rb") as f:
+            while read_all or newlines <= NUM_MERGES:
+                block = f.read(1 << 16)
+                if not block or inflate.eof:
+                    if inflate.eof and (inflate.unused_data or block):  # several gzip members
+                        parts.append(gzip.decompress(inflate.unused_data + block + f.read()))
+                    break
+                part = inflate.decompress(block)
+                parts.append(part)
+                newlines += part.count(b"\n")
+                read_all = read_all or b"\r" in part  # other line ends: decompress it all
+    except (OSError, EOFError, zlib.error) as error:
+        raise TokenizerError(f"cannot read the BPE merge file {path}: {error}") from None
+    data = b"".join(parts)
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if newlines > NUM_MERGES:  # drop the cut tail (it may end inside a UTF-8 character)
+        data = data[: data.rindex(b"\n")]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise TokenizerError(f"BPE file {path} is not UTF-8: {error}") from None
+    lines = text.split("\n", NUM_MERGES + 1)  # header, the merges, then the unused rest
+    if len(lines) > NUM_MERGES + 1:
+        rest = lines.pop()
+        text = text[: len(text) - len(rest) - 1]
+        data = data[: len(data) - len(rest.encode("utf-8")) - 1]
+    return text, lines[1:], hashlib.sha256(data).hexdigest()
+
+
 class _BoundedCache(dict):
     """dict that computes a missing value with ``compute`` and empties itself when full."""
 
@@ -94,11 +163,33 @@ class _BoundedCache(dict):
         return value
 
 
+class _PairRanks(dict):
+    """"first second" -> merge rank, or ``_NO_RANK``; computed per pair on first use, not for all 48,894.
+
+    Merge ``r``'s token ``first + second`` has id ``512 + r`` (the vocabulary has no duplicates), so a
+    pair's rank is its joined token's id - 512, valid when merge line ``r`` is exactly that pair.
+    """
+
+    def __init__(self, encoder: dict[str, int], lines: list[str], max_size: int = 1 << 18) -> None:
+        super().__init__()
+        self.encoder, self.lines, self.max_size = encoder, lines, max_size
+
+    def __missing__(self, pair: str) -> int:
+        rank = self.encoder.get(pair.replace(" ", ""), 0) - 512
+        if not (0 <= rank < len(self.lines) and self.lines[rank] == pair):
+            rank = _NO_RANK
+        if len(self) >= self.max_size:
+            self.clear()
+        self[pair] = rank
+        return rank
+
+
 class Tokenizer:
     """CLIP BPE tokenizer with OpenAI ``SimpleTokenizer`` semantics plus caches.
 
     ``encode``/``decode`` match OpenAI's; ``tokenize`` builds the padded [N, context_length] ids.
     Caches: ``cache`` maps a pretoken to its id tuple; a second one maps a chunk to packed int32.
+    ``bpe_ranks`` (OpenAI's pair -> rank dict) and ``decoder`` are built on first access.
     """
 
     vocab_size = VOCAB_SIZE
@@ -107,26 +198,51 @@ class Tokenizer:
 
     def __init__(self, bpe_path: str | Path | None = None, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         path = Path(bpe_path) if bpe_path is not None else DEFAULT_BPE_PATH
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")[1 : NUM_MERGES + 1]
-        merges = [tuple(line.split()) for line in lines]
+        self.bpe_path = path
+        text, lines, self._merges_sha256 = _read_merge_lines(path)
+        if self._merges_sha256 != DEFAULT_MERGES_SHA256:  # another file: normalise to "a b" like OpenAI's split()
+            lines = [" ".join(line.split()) for line in lines]
+            text = "\n".join(["", *lines])
+        self._merge_lines = lines  # "first second", in rank order
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self._byte_chars = [self.byte_encoder[b] for b in range(256)]
         vocab = list(self.byte_encoder.values())
         vocab += [v + "</w>" for v in vocab]
-        vocab += ["".join(m) for m in merges]
+        vocab += text.replace(" ", "").split("\n")[1:]  # each merge's token, "".join(pair)
         vocab += [SOT_TOKEN, EOT_TOKEN]
-        self.encoder: dict[str, int] = {tok: i for i, tok in enumerate(vocab)}
-        self.decoder: dict[int, str] = {i: tok for tok, i in self.encoder.items()}
-        if len(self.encoder) != VOCAB_SIZE or self.encoder[EOT_TOKEN] != EOT_TOKEN_ID:
+        self.encoder: dict[str, int] = dict(zip(vocab, range(len(vocab))))
+        if len(self.encoder) != VOCAB_SIZE or self.encoder.get(EOT_TOKEN) != EOT_TOKEN_ID:
             raise TokenizerError(f"BPE file {path} does not define CLIP's {VOCAB_SIZE}-token vocabulary.")
-        self.bpe_ranks: dict[tuple[str, ...], int] = {m: r for r, m in enumerate(merges)}
-        self._byte_chars = [self.byte_encoder[b] for b in range(256)]
         # str.translate + latin-1 = OpenAI's per-character byte_decoder lookup, at C speed.
         self._to_bytes = {ord(c): b for c, b in self.byte_decoder.items()}
         self._specials = {SOT_TOKEN: (SOT_TOKEN_ID,), EOT_TOKEN: (EOT_TOKEN_ID,)}
+        self._exceptions = DEFAULT_WHOLE_WORD_EXCEPTIONS if self._merges_sha256 == DEFAULT_MERGES_SHA256 else None
         self.cache: dict[str, tuple[int, ...]] = _BoundedCache(self._pretoken_ids, cache_size)
         self._chunk_cache: dict[str, bytes] = _BoundedCache(self._chunk_bytes, cache_size)
+
+    # -- lazily built tables --------------------------------------------------------------------
+
+    @cached_property
+    def bpe_ranks(self) -> dict[tuple[str, ...], int]:
+        """OpenAI's ``bpe_ranks``: merge pair -> rank (built on first access; encoding does not need it)."""
+        return {tuple(line.split()): rank for rank, line in enumerate(self._merge_lines)}
+
+    @cached_property
+    def _pair_ranks(self) -> dict[str, int]:
+        """"first second" -> rank (``_NO_RANK`` if not a merge), filled on demand from the encoder."""
+        return _PairRanks(self.encoder, self._merge_lines)
+
+    @cached_property
+    def decoder(self) -> dict[int, str]:
+        return {i: tok for tok, i in self.encoder.items()}
+
+    @property
+    def whole_word_exceptions(self) -> frozenset[str]:
+        """Vocabulary tokens ``w</w>`` whose BPE of ``w`` is not that single token (computed for other merge files)."""
+        if self._exceptions is None:
+            self._exceptions = compute_whole_word_exceptions(self)
+        return self._exceptions
 
     # -- encoding -------------------------------------------------------------------------------
 
@@ -136,39 +252,68 @@ class Tokenizer:
 
     def _pretoken_ids(self, pretoken: str) -> tuple[int, ...]:
         special = self._specials.get(pretoken)
-        return special if special is not None else self._merge(pretoken)
+        if special is not None:
+            return special
+        word = byte_encode(pretoken)
+        token = word + "</w>"
+        token_id = self.encoder.get(token)
+        if token_id is not None and token not in self.whole_word_exceptions:
+            return (token_id,)  # whole-word shortcut: BPE of word ends in the one token word</w>
+        return self._merge_word(word)
 
     def _merge(self, pretoken: str) -> tuple[int, ...]:
-        """Greedy BPE: merge every occurrence (left to right) of the lowest-ranked pair, repeat."""
-        chars = self._byte_chars
-        word = [chars[b] for b in pretoken.encode("utf-8")]
-        word[-1] += "</w>"
-        ranks = self.bpe_ranks
-        while len(word) > 1:
-            best_rank, best = NUM_MERGES, None
-            for pair in zip(word, word[1:]):
-                rank = ranks.get(pair, NUM_MERGES)
-                if rank < best_rank:
-                    best_rank, best = rank, pair
-            if best is None:
+        """Plain greedy BPE of a pretoken (no shortcut, no cache)."""
+        return self._merge_word(byte_encode(pretoken))
+
+    def _merge_word(self, word: str) -> tuple[int, ...]:
+        """Greedy BPE of a byte-encoded word: merge every occurrence (left to right) of the lowest-ranked pair.
+
+        ``pair_ranks[i]`` is the rank of (parts[i], parts[i + 1]); one merge updates only its neighbours.
+        """
+        parts = list(word)
+        parts[-1] += "</w>"
+        rank = self._pair_ranks.__getitem__
+        pair_ranks = list(map(rank, map(" ".join, zip(parts, parts[1:]))))
+        while pair_ranks:
+            best = min(pair_ranks)
+            if best == _NO_RANK:
                 break
-            first, second = best
-            merged, out, i, n = first + second, [], 0, len(word)
+            i = pair_ranks.index(best)
+            if pair_ranks.count(best) == 1:  # one occurrence (a rank names one pair): merge in place
+                merged = parts[i] + parts[i + 1]
+                parts[i : i + 2] = [merged]
+                if i + 1 < len(parts):  # a right neighbour
+                    if i:
+                        pair_ranks[i - 1 : i + 2] = [rank(parts[i - 1] + " " + merged), rank(merged + " " + parts[i + 1])]
+                    else:
+                        pair_ranks[0:2] = [rank(merged + " " + parts[1])]
+                elif i:
+                    pair_ranks[i - 1 : i + 1] = [rank(parts[i - 1] + " " + merged)]
+                else:
+                    break  # one part left
+                continue
+            first, second = parts[i], parts[i + 1]  # several occurrences: OpenAI's left-to-right scan
+            merged, out, n = first + second, parts[:i], len(parts)
             while i < n:
-                if i < n - 1 and word[i] == first and word[i + 1] == second:
+                if i < n - 1 and parts[i] == first and parts[i + 1] == second:
                     out.append(merged)
                     i += 2
                 else:
-                    out.append(word[i])
+                    out.append(parts[i])
                     i += 1
-            word = out
-        encoder = self.encoder
-        return tuple(encoder[s] for s in word)
+            parts = out
+            pair_ranks = list(map(rank, map(" ".join, zip(parts, parts[1:]))))
+        return tuple(map(self.encoder.__getitem__, parts))
 
     def _chunk_bytes(self, chunk: str) -> bytes:
+        if chunk.isalpha() and chunk.isascii():  # one [\p{L}]+ pretoken, its own byte encoding
+            token = chunk + "</w>"
+            token_id = self.encoder.get(token)
+            if token_id is not None and token not in self.whole_word_exceptions:
+                return token_id.to_bytes(4, _BYTEORDER)
+            return array("i", self.cache[chunk]).tobytes()
         cache = self.cache
-        ids = [i for tok in _PRETOKEN_PAT.findall(chunk) for i in cache[tok]]
-        return np.array(ids, dtype=np.int32).tobytes()
+        return array("i", [i for tok in _PRETOKEN_PAT.findall(chunk) for i in cache[tok]]).tobytes()
 
     def _encode_bytes(self, text: str) -> bytes:
         return b"".join(map(self._chunk_cache.__getitem__, split_chunks(text)))
@@ -185,37 +330,11 @@ class Tokenizer:
 
     def tokenize_numpy(self, texts: str | Sequence[str], context_length: int = 77, truncate: bool = False) -> np.ndarray:
         """``tokenize`` as an int32 numpy array, without importing torch."""
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = [texts] if isinstance(texts, str) else list(texts)
         if context_length < 1:
             raise TokenizerError(f"context_length must be at least 1, got {context_length}.")
-        buf = bytearray()  # all rows' ids back to back, packed int32
-        lengths: list[int] = []
-        lookup = self._chunk_cache.__getitem__
-        max_bytes = 4 * context_length
-        for index, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"tokenize expects str texts, got {type(text).__name__} at index {index}.")
-            if text.isascii() and text.isprintable() and "&" not in text:  # inlined split_chunks
-                chunks = text.lower().split()
-            else:
-                chunks = clean_text(text).split(" ")
-            row = b"".join(map(lookup, chunks))
-            size = len(row) + 8  # with SOT and EOT
-            if size > max_bytes:
-                if not truncate:
-                    raise TokenizerError(f"Input {text} is too long for context length {context_length}")
-                row, size = (_SOT_BYTES + row)[: max_bytes - 4], max_bytes  # EOT forced into the last slot
-                buf += row
-            else:
-                buf += _SOT_BYTES
-                buf += row
-            buf += _EOT_BYTES
-            lengths.append(size)
-        out = np.zeros((len(texts), context_length), dtype=np.int32)
-        filled = np.arange(0, max_bytes, 4) < np.array(lengths, dtype=np.int64)[:, None]  # byte sizes
-        out[filled] = np.frombuffer(buf, dtype=np.int32)  # row-major order = concatenation order
-        return out
+        rows = encode_rows(self._chunk_cache.__getitem__, texts, clean_text, lower=True)
+        return pack_rows(rows, texts, context_length, np.int32, truncate=truncate)
 
     __call__ = tokenize
 
@@ -247,3 +366,13 @@ def _as_int_list(ids: Any) -> list[int]:
     if isinstance(ids, int):
         return [ids]
     return [int(i) for i in ids]
+
+
+def compute_whole_word_exceptions(tokenizer: Tokenizer) -> frozenset[str]:
+    """Every vocabulary token ``w</w>`` for which the plain merge loop on ``w`` does not give that token."""
+    encoder = tokenizer.encoder
+    out = set()
+    for token, token_id in encoder.items():
+        if token.endswith("</w>") and len(token) > 4 and tokenizer._merge_word(token[:-4]) != (token_id,):
+            out.add(token)
+    return frozenset(out)

@@ -26,7 +26,14 @@ import numpy as np
 import regex
 
 from clipforge.errors import TokenizerError
-from clipforge.tokenizer.bpe import EOT_TOKEN_ID, SOT_TOKEN_ID, VOCAB_SIZE, is_fast_text
+from clipforge.tokenizer.bpe import (
+    EOT_TOKEN_ID,
+    SOT_TOKEN_ID,
+    VOCAB_SIZE,
+    _BoundedCache,
+    is_fast_text,
+)
+from clipforge.tokenizer.rows import encode_rows, pack_rows
 
 __all__ = ["CLEAN_MODES", "CLIPTokenizer", "HFTokenizer", "get_tokenizer"]
 
@@ -41,7 +48,6 @@ _PRETOKEN_PAT = regex.compile(
 _SPECIAL_IDS = {OPEN_CLIP_SOT: (SOT_TOKEN_ID,), OPEN_CLIP_EOT: (EOT_TOKEN_ID,)}  # exact case only, as open_clip
 _NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 _CHUNK_CACHE_SIZE = 1 << 18
-_SOT_BYTES, _EOT_BYTES = (np.array([i], dtype=np.int32).tobytes() for i in (SOT_TOKEN_ID, EOT_TOKEN_ID))
 
 
 def _basic_clean(text: str) -> str:
@@ -101,14 +107,17 @@ class CLIPTokenizer:
         self.decoder = {**self.bpe.decoder, SOT_TOKEN_ID: OPEN_CLIP_SOT, EOT_TOKEN_ID: OPEN_CLIP_EOT}
         self._lookup = _chunk_bytes(self.bpe)
 
-    def _chunks(self, text: str) -> list[str]:
-        """Cleaned text split on ' ': pretokens never contain ' ', so ids per chunk are exact."""
-        if self.clean != "canonicalize" and is_fast_text(text):  # basic_clean is the identity here
-            return (text.lower() if self.clean == "lower" else text).split()
-        return clean(text, self.clean).split(" ")
+    def _rows(self, texts: list[str]) -> list[bytes]:
+        """Packed int32 ids of each text (no SOT/EOT): cleaned text split on ' ', ids per chunk (exact,
+        since pretokens never contain ' '). basic_clean is the identity on printable ASCII without '&',
+        so there a text is just split (and lower-cased in mode "lower"); canonicalize always cleans."""
+        if self.clean == "canonicalize":
+            join, mode = b"".join, self.clean
+            return [join(map(self._lookup, clean(text, mode).split(" "))) for text in texts]
+        return encode_rows(self._lookup, texts, lambda text: clean(text, self.clean), lower=self.clean == "lower")
 
     def _ids(self, text: str) -> bytes:
-        return b"".join(map(self._lookup, self._chunks(text)))
+        return self._rows([text])[0]
 
     def encode(self, text: str) -> list[int]:
         """Ids of ``text`` without SOT/EOT, as open_clip's ``SimpleTokenizer.encode``."""
@@ -132,19 +141,8 @@ class CLIPTokenizer:
         """``__call__`` as an int64 numpy array, without importing torch."""
         texts = _as_list(texts)
         context_length = self.context_length if context_length is None else _check_context_length(context_length)
-        max_bytes = 4 * context_length
-        buf, lengths = bytearray(), []
-        for text in texts:
-            row = _SOT_BYTES + self._ids(text)
-            if len(row) + 4 > max_bytes:
-                row = row[: max_bytes - 4]  # open_clip: tokens[:context_length], then tokens[-1] = EOT
-            buf += row
-            buf += _EOT_BYTES
-            lengths.append(len(row) + 4)
-        out = np.zeros((len(texts), context_length), dtype=np.int64)
-        filled = np.arange(0, max_bytes, 4) < np.array(lengths, dtype=np.int64)[:, None]
-        out[filled] = np.frombuffer(buf, dtype=np.int32)  # row-major order = concatenation order
-        return out
+        # open_clip: tokens[:context_length], then tokens[-1] = EOT, i.e. pack_rows' truncation.
+        return pack_rows(self._rows(texts), texts, context_length, np.int64, truncate=True)
 
     def __repr__(self) -> str:
         return f"CLIPTokenizer(context_length={self.context_length}, clean={self.clean!r})"
@@ -152,20 +150,19 @@ class CLIPTokenizer:
 
 @lru_cache(maxsize=4)
 def _chunk_bytes(bpe: Any) -> Any:
-    """A bounded cache: chunk of cleaned text -> its ids as packed int32 (shared by all clean modes)."""
-    cache: dict[str, bytes] = {}
+    """A bounded cache: chunk of cleaned text -> its ids as packed int32 (shared by all clean modes).
 
-    def lookup(chunk: str) -> bytes:
-        value = cache.get(chunk)
-        if value is None:
-            ids = [i for tok in _PRETOKEN_PAT.findall(chunk) for i in (_SPECIAL_IDS.get(tok) or bpe.bpe(tok))]
-            value = np.array(ids, dtype=np.int32).tobytes()
-            if len(cache) >= _CHUNK_CACHE_SIZE:
-                cache.clear()
-            cache[chunk] = value
-        return value
+    An all-ASCII-letters chunk is one pretoken under open_clip's pattern too, so it takes the shared
+    tokenizer's regex-free path (whole-word lookup, else BPE); other chunks are pretokenized here.
+    """
 
-    return lookup
+    def compute(chunk: str) -> bytes:
+        if chunk.isalpha() and chunk.isascii():
+            return bpe._chunk_bytes(chunk)
+        ids = [i for tok in _PRETOKEN_PAT.findall(chunk) for i in (_SPECIAL_IDS.get(tok) or bpe.bpe(tok))]
+        return np.array(ids, dtype=np.int32).tobytes()
+
+    return _BoundedCache(compute, _CHUNK_CACHE_SIZE).__getitem__
 
 
 class HFTokenizer:

@@ -55,7 +55,7 @@ class TrainConfig:
     lock_text: bool = False  # freeze the text tower
     seed: int = 0  # initial weights, data order and crops
     device: str = "auto"  # auto (a GPU if there is one), cpu, cuda or cuda:N
-    threads: int | None = None  # CPU threads (torch.set_num_threads); on a busy machine, one per free core is faster
+    threads: int | str | None = None  # CPU threads: N, "auto" (cores others leave free) or default (clipforge.threads)
     save_every_steps: int = 100  # checkpoint period (also at the end, and on SIGINT/SIGTERM)
     keep_last: int = 3  # checkpoints kept in output_dir/checkpoints
     log_every_steps: int = 10  # period of the progress line, metrics.jsonl and TensorBoard
@@ -112,6 +112,8 @@ def _coerce(name: str, value: Any) -> Any:
         if "None" in annotation:
             return None
         raise _fail(name, f"cannot be empty{_example(name)}")
+    if name == "threads" and isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
     kind = _kind(name)
     if kind is bool:
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
@@ -125,7 +127,8 @@ def _coerce(name: str, value: Any) -> Any:
         except (TypeError, ValueError, OverflowError):
             number = None
         if number is None or (kind is int and isinstance(value, float) and value != int(value)):
-            raise _fail(name, f"must be {'an integer' if kind is int else 'a number'}, got {_show(value)}")
+            what = 'an integer or "auto"' if name == "threads" else "an integer" if kind is int else "a number"
+            raise _fail(name, f"must be {what}, got {_show(value)}")
         if kind is float and not math.isfinite(number):
             raise _fail(name, f"must be a finite number, got {value}{_example(name)}")
         return number
@@ -168,7 +171,7 @@ def _validate(config: TrainConfig) -> TrainConfig:
     positive = ("epochs", "global_batch_size", "save_every_steps", "keep_last", "log_every_steps", "max_bad_steps")
     for name in positive + ("max_steps", "micro_batch_size", "loss_chunk_size", "eval_every_steps", "threads"):
         value = getattr(config, name)
-        if value is not None and value <= 0:
+        if value is not None and value != "auto" and value <= 0:
             raise _fail(name, f"must be a positive integer, got {value}{_example(name)}")
     for name in ("lr", "eps", "grad_clip_norm"):
         value = getattr(config, name)

@@ -28,6 +28,7 @@ from clipforge.data.skips import SkipLedger, SkipRecord, count_reasons, gather_r
 from clipforge.errors import ClipforgeError
 from clipforge.models import CLIP, create_model
 from clipforge.models.clip import MAX_LOGIT_SCALE
+from clipforge.threads import apply_torch_threads
 from clipforge.training import checkpointing as ckpt
 from clipforge.training import remote_sync, run_files
 from clipforge.training.compile_step import compiled_training_step
@@ -192,8 +193,7 @@ def _apply_update(loss: torch.Tensor, model: CLIP, optimizer, scaler, config: Tr
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training run; returns a summary dict. Raises ClipforgeError on bad input."""
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    apply_torch_threads(config.threads)  # default: one per free physical core, shared among local ranks
     world = world_from_env()
     device = pick_device(config.device, world)
     init_distributed(world, device)

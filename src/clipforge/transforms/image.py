@@ -13,108 +13,35 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Sequence, Union
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from clipforge.errors import ConfigError, ImageError
-from clipforge.transforms.resize import RESIZE_MODES, center_crop_or_pad, resize_longer_side, resize_square
+from clipforge.errors import ConfigError
+from clipforge.transforms.core import (  # the torch-free core, shared with the onnxruntime path
+    OPENAI_MEAN,
+    OPENAI_STD,
+    ImageInput,
+    channel_array,
+    eval_geometry,
+    load_image,
+    normalize_array,
+    resize_shorter_side,
+    to_pil,
+    unit_array,
+)
+from clipforge.transforms.core import RESAMPLE as _RESAMPLE
+from clipforge.transforms.core import crop as _crop
+from clipforge.transforms.resize import RESIZE_MODES
 
 __all__ = ["OPENAI_MEAN", "OPENAI_STD", "RESIZE_MODES", "ImageTransform", "image_transform", "load_image",
            "preprocess_kwargs", "to_pil"]
 
-#: Per-channel RGB mean and std of OpenAI's training data (from ``clip/clip.py``).
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
-
 #: What open_clip's ``preprocess_cfg.interpolation`` may say ("random" means bicubic at eval).
 _OPEN_CLIP_INTERPOLATIONS = ("bicubic", "bilinear", "random")
-
-ImageInput = Union[Image.Image, str, os.PathLike, np.ndarray]
 
 
 def _choices(values: Sequence[str]) -> str:
     return ", ".join(repr(v) for v in values)
-
-
-def load_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """Open and fully decode an image, so a corrupt or truncated file fails here, naming the file.
-
-    Pillow decodes lazily; without ``load()`` a truncated JPEG would only fail later inside a
-    DataLoader worker with no file name. EXIF orientation is deliberately *not* applied, because
-    OpenAI's ``preprocess`` does not apply it either.
-    """
-    name = os.fspath(path)
-    try:
-        with Image.open(name) as img:
-            img.load()
-    except FileNotFoundError:
-        raise ImageError(f"cannot read image '{name}': no such file; check the path") from None
-    except IsADirectoryError:
-        raise ImageError(f"cannot read image '{name}': it is a directory; pass an image file") from None
-    except PermissionError as e:
-        raise ImageError(f"cannot read image '{name}': {e.strerror}; check the file permissions") from None
-    except UnidentifiedImageError:
-        raise ImageError(
-            f"cannot read image '{name}': not a recognised image format; check the file is a valid image"
-        ) from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(
-            f"cannot read image '{name}': {e}; raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
-        ) from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow's decoders raise all of these
-        raise ImageError(f"cannot read image '{name}': {e}; check the file is a valid image") from e
-    return img
-
-
-def to_pil(image: ImageInput) -> Image.Image:
-    """Accept a PIL image, a path, or a uint8 array (HW, HWC with 1/3/4 channels) and return a PIL image."""
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, (str, os.PathLike)):
-        return load_image(image)
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise TypeError(f"image arrays must be uint8 (0-255), got dtype {image.dtype}; convert it first")
-        if image.ndim == 3 and image.shape[2] == 1:
-            image = image[:, :, 0]
-        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
-            raise TypeError(f"image arrays must be HxW or HxWxC with C in (1, 3, 4), got shape {image.shape}")
-        return Image.fromarray(np.ascontiguousarray(image))
-    raise TypeError(f"expected a PIL image, a path or a numpy uint8 array, got {type(image).__name__}")
-
-
-def resize_shorter_side(img: Image.Image, size: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
-    """Resize so the shorter side is ``size``, with torchvision's rounding of the long side.
-
-    torchvision computes ``int(size * long / short)`` (truncation, float division); other rounding
-    choices give a one-pixel-different long side and a shifted center crop.
-    """
-    w, h = img.size
-    if w == 0 or h == 0:
-        raise ImageError(f"cannot preprocess an empty image of size {w}x{h}")
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(size * long / short)
-    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    if (new_w, new_h) == (w, h):  # torchvision returns the image untouched; PIL would copy it
-        return img
-    # Pillow itself premultiplies alpha for LA/RGBA and forces NEAREST for "1"/"P", as in the reference.
-    return img.resize((new_w, new_h), resample)
-
-
-def _crop(img: Image.Image, top: int, left: int, size: int) -> Image.Image:
-    if (left, top, size, size) == (0, 0, *img.size):
-        return img
-    return img.crop((left, top, left + size, top + size))
 
 
 class ImageTransform:
@@ -174,6 +101,7 @@ class ImageTransform:
         # float32 like torchvision's Normalize, which casts mean/std to the tensor's dtype.
         self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self._mean_array, self._std_array = channel_array(mean), channel_array(std)
 
     def crop_offsets(self, height: int, width: int) -> tuple[int, int]:
         """(top, left) of the square crop in a resized image of the given size."""
@@ -189,24 +117,20 @@ class ImageTransform:
         return top, left
 
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> normalised CHW float32, same float ops and order as ToTensor + Normalize."""
-        arr = np.asarray(img)  # HWC uint8
-        chw = torch.from_numpy(arr.transpose(2, 0, 1).copy())
-        return chw.to(torch.float32).div_(255).sub_(self._mean).div_(self._std)
+        """RGB PIL image -> normalised CHW float32, same float ops and order as ToTensor + Normalize
+        (``transforms.core``, which the onnxruntime path runs too)."""
+        return torch.from_numpy(normalize_array(unit_array(img), self._mean_array, self._std_array))
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
         img = to_pil(image)
-        s, resample = self.image_size, _RESAMPLE[self.interpolation]
-        if self.train or self.resize_mode == "shortest":
-            side = round(s * self.resize_ratio) if self.train else s
-            img = resize_shorter_side(img, side, resample)
-            top, left = self.crop_offsets(img.height, img.width)
-            img = _crop(img, top, left, s)
-        elif self.resize_mode == "longest":
-            img = center_crop_or_pad(resize_longer_side(img, s, resample), s, self.fill_color)
-        else:  # "squash"
-            img = resize_square(img, s, resample)
-        if img.mode != "RGB":  # after resize/crop/pad, as the references do: they happen in the source mode
+        if not self.train:
+            return self.to_tensor(eval_geometry(img, self.image_size, self.interpolation, self.resize_mode,
+                                                self.fill_color))
+        s = self.image_size
+        img = resize_shorter_side(img, round(s * self.resize_ratio), _RESAMPLE[self.interpolation])
+        top, left = self.crop_offsets(img.height, img.width)
+        img = _crop(img, top, left, s)
+        if img.mode != "RGB":  # after resize/crop, as the references do: they happen in the source mode
             img = img.convert("RGB")
         return self.to_tensor(img)
 
