@@ -48,7 +48,8 @@ from clipforge.training.grad_cache import contrastive_step
 from clipforge.training.optim import make_optimizer
 tiny = clipforge.create_model("ViT-Tiny-32").train()
 opt = make_optimizer(tiny, 1e-5, 0.1, (0.9, 0.98), 1e-6)
-x, t = torch.randn(64, 3, tiny.image_size, tiny.image_size), clipforge.tokenize(captions * 2)
+x = torch.randn(64, 3, tiny.image_size, tiny.image_size)
+t = clipforge.tokenize(captions * 2, context_length=tiny.context_length)
 def step():
     opt.zero_grad(set_to_none=True)
     contrastive_step(tiny, x, t, micro_batch=None, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
