@@ -270,6 +270,8 @@ def read_hf_folder(folder: Path, name: str) -> tuple[ModelConfig, dict[str, torc
 
 def _hf_problem(config: ModelConfig) -> str | None:
     vision, text = config.vision, config.text
+    if text is not None and text.is_cbow:
+        return "a CBOW text encoder (text.encoder = 'cbow')"
     if vision is not None:
         if vision.is_resnet:
             return "a ResNet image tower (Hugging Face's CLIP has no ResNet)"
@@ -301,7 +303,7 @@ def check_hf_expressible(config: ModelConfig) -> None:
     problem = _hf_problem(config)
     if problem:
         raise CheckpointError(f"Hugging Face's CLIP classes cannot express {problem}; save this model with "
-                              "format='clipforge' or 'open_clip'")
+                              "format='clipforge'" + ("" if config.text is not None and config.text.is_cbow else " or 'open_clip'"))
 
 
 def openai_to_hf(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:

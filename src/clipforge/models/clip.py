@@ -89,6 +89,11 @@ class CLIP(nn.Module):
             self.context_length = text.context_length
             self.vocab_size = text.vocab_size
             self.token_embedding = nn.Embedding(text.vocab_size, text.width)
+        if text is not None and text.is_cbow:  # the paper's CBOW: mean token embedding, projected
+            self.text_projection = nn.Parameter(torch.empty(text.width, config.embed_dim))
+            nn.init.normal_(self.token_embedding.weight, std=0.02)
+            nn.init.normal_(self.text_projection, std=text.width ** -0.5)
+        elif text is not None:
             self.positional_embedding = nn.Parameter(torch.empty(text.num_positions, text.width))
             if text.embed_cls:
                 self.cls_emb = nn.Parameter(torch.empty(text.width))
@@ -160,7 +165,7 @@ class CLIP(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Trade compute for memory: recompute each block's activations during backward."""
-        if self.has_text_tower:
+        if self.has_text_tower and not self.config.text.is_cbow:
             self.transformer.grad_checkpointing = enable
         visual = self.visual
         if isinstance(visual, VisionTransformer):
@@ -201,6 +206,8 @@ class CLIP(nn.Module):
         reach a pooled token); ``trim=False`` keeps them, e.g. for a traced graph whose length must stay dynamic."""
         config = self._text()
         check_text_length(text, self.context_length)
+        if config.is_cbow:
+            return self._encode_bag_of_words(text, normalize)
         positions = pooled_positions(text, config)
         if trim and config.causal and positions is not None and not config.embed_cls:
             text, positions = trim_to_pooled(text, positions)
@@ -225,6 +232,15 @@ class CLIP(nn.Module):
             features = features @ self.text_projection
         if dtype != self.dtype:  # a bf16 text tower in a float32 model (text_weights_dtype): the loss stays float32
             features = features.to(self.dtype)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def _encode_bag_of_words(self, text: torch.Tensor, normalize: bool) -> torch.Tensor:
+        """CBOW: the mean embedding of each caption's tokens, [SOT] to [EOS] (padding left out), projected."""
+        length = pooled_positions(text, self.config.text) + 1  # tokens up to and including [EOS]
+        keep = torch.arange(text.shape[1], device=text.device) < length[:, None]
+        embedded = self.token_embedding(text) * keep.unsqueeze(-1).to(self.token_embedding.weight.dtype)
+        features = embedded.sum(dim=1) / length.unsqueeze(-1).to(embedded.dtype)
+        features = (features @ self.text_projection).to(self.dtype)
         return F.normalize(features, dim=-1) if normalize else features
 
     def logit_scale_value(self) -> torch.Tensor:

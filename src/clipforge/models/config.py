@@ -25,6 +25,7 @@ from clipforge.errors import ConfigError
 VISION_TYPES = ("vit", "resnet")
 VISION_POOL_TYPES = ("tok", "avg")
 TEXT_POOL_TYPES = ("argmax", "eos", "first", "last")
+TEXT_ENCODERS = ("transformer", "cbow")
 ATTENTIONAL_POOL = (False, True, "parallel", "cascade")
 POS_EMBED_TYPES = ("learnable", "sin_cos_2d")
 GELU_APPROXIMATE = ("none", "tanh")
@@ -97,6 +98,11 @@ class TextConfig:
     gelu_approximate: str = "none"
     hf_tokenizer_name: str | None = None  # a Hugging Face tokenizer instead of CLIP's BPE
     tokenizer_kwargs: dict[str, Any] = field(default_factory=dict, compare=True, hash=False)
+    encoder: str = "transformer"  # or "cbow": the paper's bag-of-words encoder (token embeddings averaged, projected)
+
+    @property
+    def is_cbow(self) -> bool:
+        return self.encoder == "cbow"
 
     @property
     def causal(self) -> bool:
@@ -109,7 +115,7 @@ class TextConfig:
     @property
     def is_standard(self) -> bool:
         """True when the fused inference path covers the tower: causal, pooled at one token per text."""
-        return (self.ls_init_value is None and self.causal and self.pool_type in ("argmax", "eos")
+        return (not self.is_cbow and self.ls_init_value is None and self.causal and self.pool_type in ("argmax", "eos")
                 and not self.embed_cls and self.proj_type == "linear" and not self.proj_bias
                 and self.gelu_approximate == "none")
 
@@ -319,9 +325,14 @@ def _text_from_dict(data: Any) -> TextConfig | None:
         gelu_approximate=_choice(values["gelu_approximate"], GELU_APPROXIMATE, "text.gelu_approximate"),
         hf_tokenizer_name=tokenizer_name,
         tokenizer_kwargs=dict(values["tokenizer_kwargs"]),
+        encoder=_choice(values["encoder"], TEXT_ENCODERS, "text.encoder"),
     )
     if config.width % config.heads:
         raise _fail("text.heads", f"must divide text.width {config.width}, got {config.heads}")
+    if config.is_cbow and (config.pool_type not in ("argmax", "eos") or config.embed_cls or config.proj_type != "linear"
+                           or config.proj_bias):
+        raise _fail("text.encoder", "'cbow' averages the tokens up to [EOS] and projects them linearly: use it with "
+                                    "pool_type argmax or eos, no embed_cls, proj_type linear without proj_bias")
     if config.context_length < 2:
         raise _fail("text.context_length", "must be at least 2 (room for [SOS] and [EOS])")
     return config

@@ -203,6 +203,9 @@ def to_open_clip_config(config: ModelConfig) -> dict[str, Any]:
     if config.vision is None or config.text is None:
         raise ConfigError("open_clip's format holds two-tower models only; save one-tower models with "
                               "format='clipforge' or 'hf'")
+    if config.text.is_cbow:
+        raise ConfigError("open_clip has no CBOW text encoder (text.encoder = 'cbow'); save this model with "
+                          "format='clipforge'")
     vision, text = config.vision, config.text
     if vision.is_resnet:
         vision_cfg: dict[str, Any] = {"image_size": vision.image_size, "layers": list(vision.layers),

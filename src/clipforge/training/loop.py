@@ -36,7 +36,7 @@ from clipforge.training.config import TrainConfig
 from clipforge.training.distributed import World, all_reduce_mean, cleanup, init_distributed, pick_device, world_from_env
 from clipforge.training.grad_cache import contrastive_step
 from clipforge.training.hooks import build_eval_hooks
-from clipforge.training.low_precision import cast_text_tower
+from clipforge.training.low_precision import cast_text_tower, text_tower_parameters
 from clipforge.training.metrics import MetricsLogger, plot_training_curves, read_metrics
 from clipforge.training.optim import cosine_with_warmup, make_optimizer, paper_betas_eps, set_lr
 from clipforge.training.parallel import Parallel
@@ -60,11 +60,8 @@ def build_model(config: TrainConfig, device: torch.device) -> CLIP:
     if config.lock_image:
         model.visual.requires_grad_(False)
     if config.lock_text:
-        for part in (model.token_embedding, model.transformer, model.ln_final):
-            part.requires_grad_(False)
-        model.positional_embedding.requires_grad_(False)
-        if model.text_projection is not None:
-            model.text_projection.requires_grad_(False)
+        for param in text_tower_parameters(model):
+            param.requires_grad_(False)
     model.set_grad_checkpointing(config.grad_checkpointing)
     return model.to(device)
 
