@@ -60,7 +60,7 @@ def runs(tmp_path_factory):
     train(_config(base / "reference"))
     remote = base / "remote"
     calls = {"n": 0}
-    original = training_loop.contrastive_step
+    original = training_loop.training_step("contrastive")
 
     def step_then_preempt(*args, **kwargs):
         calls["n"] += 1
@@ -69,7 +69,7 @@ def runs(tmp_path_factory):
         return original(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training_loop, "contrastive_step", step_then_preempt)
+        patch.setattr(training_loop, "training_step", lambda objective: step_then_preempt)
         summary = train(_config(base / "preempted", remote_sync=f"file://{remote}"))
     assert summary["exit_status"] == 128 + signal.SIGTERM and summary["steps"] == STOP_AT
     return {"reference": _weights(base / "reference"), "remote": remote, "local": base / "preempted"}

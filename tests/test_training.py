@@ -144,7 +144,7 @@ def test_non_finite_losses_skip_then_stop(tmp_path, monkeypatch):
     def nan_step(*args, **kwargs):
         return {"loss": torch.tensor(float("nan"))}
 
-    monkeypatch.setattr(loop, "contrastive_step", nan_step)
+    monkeypatch.setattr(loop, "training_step", lambda objective: nan_step)
     with pytest.warns(UserWarning, match="skipped this update"):
         with pytest.raises(loop.TrainingStopped, match="3 non-finite losses in a row"):
             train(_config(tmp_path, max_steps=10, max_bad_steps=3))

@@ -15,7 +15,8 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["COLOURS", "EVAL_OFFSET", "SHAPES", "SyntheticCaptions", "eval_pairs", "synthetic_pair"]
+__all__ = ["COLOURS", "EVAL_OFFSET", "SHAPES", "SyntheticCaptions", "eval_pairs", "single_shape_labels",
+           "synthetic_pair"]
 
 EVAL_OFFSET = 10**9  # eval indices start here; training uses 0 .. num_samples-1
 BASE_SIZE = 64
@@ -109,6 +110,18 @@ def synthetic_pair(seed: int, index: int, size: int = BASE_SIZE) -> tuple[Image.
             else:
                 draw.polygon(_points(group["shape"], cx, cy, r, rng.uniform(-0.25, 0.25)), fill=colour)
     return image, " and ".join(_describe(g) for g in groups)
+
+
+def single_shape_labels(seed: int, count: int) -> list[tuple[int, str]]:
+    """(pair index, "colour shape") for the held-out pairs among the first ``count`` that show exactly one
+    shape: the zero-shot classification set of ``synthetic_zero_shot`` (the layout is the first thing
+    ``synthetic_pair`` draws, so it is read without rendering)."""
+    out = []
+    for index in range(EVAL_OFFSET, EVAL_OFFSET + count):
+        groups = _layout(random.Random(f"clipforge-synthetic:{seed}:{index}"))
+        if len(groups) == 1 and groups[0]["count"] == 1:
+            out.append((index, f"{groups[0]['colour']} {groups[0]['shape']}"))
+    return out
 
 
 def eval_pairs(seed: int, count: int, size: int = BASE_SIZE) -> tuple[list[Image.Image], list[str]]:

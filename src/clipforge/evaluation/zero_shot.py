@@ -145,7 +145,9 @@ def evaluate_zero_shot(model: CLIP, preprocess: Callable[[Any], torch.Tensor], d
         from clipforge.evaluation.datasets import dataset_templates
 
         templates = dataset_templates(getattr(dataset, "name", "")) or ["{}"]
-    classifier = build_zero_shot_classifier(model, classnames, templates, precision=precision).float().cpu()
+    predictive = model.config.predictive_head is not None  # scored by likelihood, not cosine
+    classifier = None if predictive else \
+        build_zero_shot_classifier(model, classnames, templates, precision=precision).float().cpu()
     skipped_files: list[dict[str, Any]] = []
     features, indices, skipped = image_features(model, dataset, preprocess, batch_size=batch_size,
                                                 num_workers=num_workers, precision=precision,
@@ -156,7 +158,12 @@ def evaluate_zero_shot(model: CLIP, preprocess: Callable[[Any], torch.Tensor], d
     if labels.numel() and int(labels.max()) >= len(classnames):
         raise ClipforgeError(f"the dataset has label {int(labels.max())} but only {len(classnames)} class names "
                              "were given")
-    scores = features @ classifier
+    if predictive:
+        from clipforge.evaluation.predictive_zero_shot import predictive_scores
+
+        scores = predictive_scores(model, features, classnames, templates)
+    else:
+        scores = features @ classifier
     metrics = classification_metrics(scores, labels, len(classnames))
     confusion = metrics.pop("confusion")
     if confusion_png is not None:

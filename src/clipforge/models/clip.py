@@ -107,6 +107,10 @@ class CLIP(nn.Module):
             else:
                 self.text_projection = nn.Parameter(torch.empty(text.width, config.embed_dim))
             self._init_text_like_openai()
+        if config.predictive_head == "bow_prediction":  # image embedding -> a distribution over the vocabulary
+            self.bow_head = nn.Linear(config.embed_dim, text.vocab_size)
+        elif config.predictive_head == "caption_lm":  # the image embedding takes [SOT]'s place in the decoder
+            self.caption_prefix = nn.Linear(config.embed_dim, text.width)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     @staticmethod
@@ -246,10 +250,39 @@ class CLIP(nn.Module):
     def logit_scale_value(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, return_features: bool = False):
+    def predict_words(self, image: torch.Tensor) -> torch.Tensor:
+        """bow_prediction: [N, vocab] logits of each image's caption words (softmax = the predicted bag)."""
+        return self.bow_logits(self.encode_image(image, normalize=True))
+
+    def bow_logits(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """The bag-of-words head on L2-normalised embeddings (what zero-shot caches) times sqrt(embed_dim):
+        unit variance per dimension, else its logits barely differ between images at initialisation."""
+        scale = self.config.embed_dim ** 0.5
+        return self.bow_head(image_embeddings.to(self.bow_head.weight.dtype) * scale)
+
+    def caption_logits(self, image_features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """caption_lm: [N, L, vocab] next-token logits (position t predicts ``text[:, t + 1]``). The causal
+        text transformer decodes; the projected L2-normalised image embedding replaces [SOT] (a prefix every
+        token attends to), and the output layer is the token embedding, tied as in GPT-2."""
+        dtype = self.token_embedding.weight.dtype
+        tokens = self.token_embedding(text[:, 1:]).to(dtype)
+        prefix = self.caption_prefix(image_features.to(self.caption_prefix.weight.dtype)).to(dtype)
+        x = torch.cat([prefix.unsqueeze(1), tokens], dim=1) + self.positional_embedding[: text.shape[1]].to(dtype)
+        x = self.ln_final(self.transformer(x, causal=True))
+        return x @ self.token_embedding.weight.t()
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, return_features: bool = False,
+                predict: bool = False):
         """(logits_per_image, logits_per_text) as OpenAI's model, or, with return_features, the
         normalised features and the temperature multiplier: training computes the loss from
-        these, and going through forward lets DistributedDataParallel see every parameter."""
+        these, and going through forward lets DistributedDataParallel see every parameter.
+        ``predict``: the predictive head's logits (``predict_words``, or ``caption_logits`` for
+        captions cut after the batch's last [EOS])."""
+        if predict:
+            if self.config.predictive_head == "bow_prediction":
+                return self.predict_words(image)
+            text = trim_to_pooled(text, text.argmax(dim=-1))[0]
+            return self.caption_logits(self.encode_image(image, normalize=True), text)
         image_features = self.encode_image(image, normalize=True)
         text_features = self.encode_text(text, normalize=True)
         scale = self.logit_scale_value()

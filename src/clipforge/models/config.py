@@ -139,6 +139,9 @@ class ModelConfig:
     quick_gelu: bool = True  # OpenAI's weights need QuickGELU; plain GELU silently loses accuracy
     custom_text: bool = False  # open_clip CustomTextCLIP layout: text weights under "text."
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # The paper's predictive baselines (Figure 2): "bow_prediction" adds a linear head from the image
+    # embedding to the vocabulary, "caption_lm" turns the text transformer into a captioning decoder.
+    predictive_head: str | None = None
     name: str = field(default="custom", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,6 +163,8 @@ class ModelConfig:
             data.pop("preprocess")
         if not self.custom_text:
             data.pop("custom_text")
+        if self.predictive_head is None:
+            data.pop("predictive_head")
         return data
 
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -371,7 +376,7 @@ def config_from_dict(data: Any, name: str = "custom") -> ModelConfig:
     """Validate a plain dict (parsed JSON) into a ModelConfig."""
     if not isinstance(data, dict):
         raise ConfigError(f"a model config must be a JSON object, got {type(data).__name__}")
-    _check_keys(data, ("embed_dim", "vision", "text", "quick_gelu", "custom_text", "preprocess"), "")
+    _check_keys(data, ("embed_dim", "vision", "text", "quick_gelu", "custom_text", "preprocess", "predictive_head"), "")
     if "embed_dim" not in data:
         raise _fail("embed_dim", "is required (the size of the joint image-text space, e.g. 512)")
     if "vision" not in data:
@@ -386,8 +391,24 @@ def config_from_dict(data: Any, name: str = "custom") -> ModelConfig:
         quick_gelu=_boolean(data.get("quick_gelu", True), "quick_gelu"),
         custom_text=_boolean(data.get("custom_text", False), "custom_text"),
         preprocess=preprocess_from_dict(data.get("preprocess")),
+        predictive_head=_predictive_head(data.get("predictive_head"), vision, text),
         name=name,
     )
+
+
+PREDICTIVE_HEADS = ("bow_prediction", "caption_lm")
+
+
+def _predictive_head(value: Any, vision: VisionConfig | None, text: TextConfig | None) -> str | None:
+    if value is None:
+        return None
+    head = _choice(value, PREDICTIVE_HEADS, "predictive_head")
+    if vision is None or text is None:
+        raise _fail("predictive_head", "needs both towers: the image predicts the caption's tokens")
+    if head == "caption_lm" and (text.is_cbow or not text.is_standard):
+        raise _fail("predictive_head", "'caption_lm' decodes with a plain causal text transformer "
+                                       "(text.encoder 'transformer', pool_type argmax, no embed_cls)")
+    return head
 
 
 def read_config_json(path: str | Path) -> Any:

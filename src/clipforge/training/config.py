@@ -21,6 +21,7 @@ from clipforge.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")
+OBJECTIVES = ("contrastive", "bow_prediction", "caption_lm")  # Section 2.3, Figure 2
 STATE_DTYPES = ("fp32", "bf16")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -53,6 +54,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     lock_image: bool = False  # freeze the image tower
     lock_text: bool = False  # freeze the text tower
+    objective: str = "contrastive"  # or the paper's baselines: "bow_prediction", "caption_lm" (Section 2.3)
     seed: int = 0  # initial weights, data order and crops
     device: str = "auto"  # auto (a GPU if there is one), cpu, cuda or cuda:N
     threads: int | str | None = None  # CPU threads: N, "auto" (cores others leave free) or default (clipforge.threads)
@@ -193,6 +195,8 @@ def _validate(config: TrainConfig) -> TrainConfig:
         raise _fail("precision", f"must be one of {', '.join(PRECISIONS)}, got {_show(config.precision)}")
     if config.strategy not in STRATEGIES:
         raise _fail("strategy", f"must be one of {', '.join(STRATEGIES)}, got {_show(config.strategy)}")
+    if config.objective not in OBJECTIVES:
+        raise _fail("objective", f"must be one of {', '.join(OBJECTIVES)}, got {config.objective!r}")
     for name in ("optimizer_state_dtype", "text_weights_dtype"):
         if getattr(config, name) not in STATE_DTYPES:
             raise _fail(name, f"must be fp32 or bf16, got {_show(getattr(config, name))}")

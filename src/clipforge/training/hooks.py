@@ -107,8 +107,14 @@ def _spec_hook(spec, model: CLIP, device: torch.device) -> EvalHook:
         from clipforge.evaluation.features import text_features
 
         if spec.task == "zero_shot":
-            classifier = build_zero_shot_classifier(model, dataset.classnames, templates).float().cpu()
-            metrics = classification_metrics(embed_images(model) @ classifier, labels, len(dataset.classnames))
+            if model.config.predictive_head is not None:  # the paper's baselines: scored by likelihood
+                from clipforge.evaluation.predictive_zero_shot import predictive_scores
+
+                scores = predictive_scores(model, embed_images(model), dataset.classnames, templates)
+            else:
+                classifier = build_zero_shot_classifier(model, dataset.classnames, templates).float().cpu()
+                scores = embed_images(model) @ classifier
+            metrics = classification_metrics(scores, labels, len(dataset.classnames))
             return {prefix + k: metrics[k] for k in ("top1", "top5", "mean_per_class_recall") if k in metrics}
         metrics = retrieval_metrics(embed_images(model), text_features(model, captions), owners)
         return {prefix + k: v for k, v in metrics.items()}
@@ -151,5 +157,43 @@ def synthetic_retrieval(model: CLIP, device: torch.device, seed: int, count: int
         image_features = model.encode_image(pixels.to(device), normalize=True).float()
         text_features = model.encode_text(tokens.to(device), normalize=True).float()
         return {f"eval/synthetic_{k}": v for k, v in retrieval_recall(image_features, text_features).items()}
+
+    return torch.no_grad()(hook)
+
+
+@register_eval_hook("synthetic_zero_shot")
+def synthetic_zero_shot(model: CLIP, device: torch.device, seed: int, count: int = 600) -> EvalHook:
+    """Zero-shot colour-and-shape classification (28 classes, "red circle" ... "white star") of the
+    held-out synthetic images that show a single shape, prompts "a small {}." and "a large {}.", for
+    every objective (contrastive by cosine, the predictive ones by likelihood). Also reports the
+    colour and shape read off the predicted class. Chance: 1/28, 1/7, 1/4."""
+    from clipforge.data.synthetic import COLOURS, SHAPES, single_shape_labels, synthetic_pair
+    from clipforge.evaluation.metrics import classification_metrics
+    from clipforge.evaluation.zero_shot import build_zero_shot_classifier
+    from clipforge.transforms import image_transform
+
+    classnames = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    templates = ["a small {}.", "a large {}."]
+    labelled = single_shape_labels(seed, count)  # (eval index, "colour shape") of the one-shape images
+    labels = torch.tensor([classnames.index(name) for _, name in labelled])
+    preprocess = image_transform(model.image_size)
+    size = max(64, model.image_size)
+    pixels = torch.stack([preprocess(synthetic_pair(seed, index, size)[0]) for index, _ in labelled])
+
+    def hook(model: CLIP) -> dict[str, float]:
+        features = torch.cat([model.encode_image(pixels[i:i + 256].to(device), normalize=True).float().cpu()
+                              for i in range(0, len(pixels), 256)])
+        if model.config.predictive_head is not None:
+            from clipforge.evaluation.predictive_zero_shot import predictive_scores
+
+            scores = predictive_scores(model, features, classnames, templates)
+        else:
+            scores = features @ build_zero_shot_classifier(model, classnames, templates).float().cpu()
+        metrics = classification_metrics(scores, labels, len(classnames))
+        predicted = scores.argmax(dim=1)
+        shapes = len(SHAPES)
+        return {"eval/synthetic_zero_shot_top1": metrics["top1"],
+                "eval/synthetic_zero_shot_colour": (predicted // shapes == labels // shapes).float().mean().item(),
+                "eval/synthetic_zero_shot_shape": (predicted % shapes == labels % shapes).float().mean().item()}
 
     return torch.no_grad()(hook)

@@ -22,21 +22,20 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from clipforge.checkpoints import load as load_checkpoint_model
 from clipforge.data import DataConfig, build_train_data
 from clipforge.data.skips import SkipLedger, SkipRecord, count_reasons, gather_records, write_skipped_tsv
 from clipforge.errors import ClipforgeError
-from clipforge.models import CLIP, create_model
+from clipforge.models import CLIP
 from clipforge.models.clip import MAX_LOGIT_SCALE
 from clipforge.threads import apply_torch_threads
+from clipforge.training.model_setup import build_model
+from clipforge.training.objectives import training_step
 from clipforge.training import checkpointing as ckpt
 from clipforge.training import remote_sync, run_files
 from clipforge.training.compile_step import compiled_training_step
 from clipforge.training.config import TrainConfig
 from clipforge.training.distributed import World, all_reduce_mean, cleanup, init_distributed, pick_device, world_from_env
-from clipforge.training.grad_cache import contrastive_step
 from clipforge.training.hooks import build_eval_hooks
-from clipforge.training.low_precision import cast_text_tower, text_tower_parameters
 from clipforge.training.metrics import MetricsLogger, plot_training_curves, read_metrics
 from clipforge.training.optim import cosine_with_warmup, make_optimizer, paper_betas_eps, set_lr
 from clipforge.training.parallel import Parallel
@@ -46,24 +45,6 @@ from clipforge.training.summary import Progress, format_eval, print_summary, say
 
 class TrainingStopped(ClipforgeError):
     """The run cannot go on (for example too many non-finite losses in a row)."""
-
-
-def build_model(config: TrainConfig, device: torch.device) -> CLIP:
-    torch.manual_seed(config.seed)  # identical initial weights on every rank
-    if config.init_from:
-        model = load_checkpoint_model(config.init_from, model=config.init_model, quick_gelu=config.init_quick_gelu)[0]
-    else:
-        model = create_model(config.model)
-    model = model.float().train()
-    if config.text_weights_dtype == "bf16":  # the paper's bf16 text tower, updated by stochastic rounding
-        cast_text_tower(model, torch.bfloat16)
-    if config.lock_image:
-        model.visual.requires_grad_(False)
-    if config.lock_text:
-        for param in text_tower_parameters(model):
-            param.requires_grad_(False)
-    model.set_grad_checkpointing(config.grad_checkpointing)
-    return model.to(device)
 
 
 def _autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -229,7 +210,7 @@ def _train(config: TrainConfig, world: World, device: torch.device, output_dir: 
     model = build_model(config, device)
     parallel = Parallel(config, world, device)
     # compile = true: each block compiled in place before it is sharded or wrapped; eager again if that fails
-    train_step = compiled_training_step(contrastive_step, model, config.compile)
+    train_step = compiled_training_step(training_step(config.objective), model, config.compile)
     parallel.shard(model)  # FSDP2 shards in place, before the optimiser sees the parameters
     betas, eps = paper_betas_eps(model.config.vision.is_resnet, config.beta1, config.beta2, config.eps)
     optimizer = make_optimizer(model, config.lr, config.weight_decay, betas, eps, config.decay_embeddings,
@@ -305,7 +286,7 @@ def _train(config: TrainConfig, world: World, device: torch.device, output_dir: 
                         set_lr(optimizer, lr)
                         optimizer.zero_grad(set_to_none=True)
                         size = batch.images.shape[0]  # smaller when bad samples were dropped; 0: all were
-                        result = train_step(  # contrastive_step, through the compiled blocks if compile = true
+                        result = train_step(  # the objective's step, through the compiled blocks if compile = true
                             wrapped, batch.images.to(device, non_blocking=True),
                             batch.texts.to(device, non_blocking=True), micro_batch=config.micro_batch_size,
                             chunk_size=config.loss_chunk_size, autocast=autocast, scaler=scaler) if size else None
