@@ -44,7 +44,9 @@ def _int_at_least(text: str, low: int, what: str) -> int:
 
 def threads_value(text: str) -> int | str:
     """argparse type for --threads: a positive whole number or 'auto'."""
-    return "auto" if text.strip().lower() == "auto" else positive_int(text)
+    if text.strip().lower() == "auto":
+        return "auto"
+    return _int_at_least(text, 1, "a positive whole number or 'auto'")
 
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:

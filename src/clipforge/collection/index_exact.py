@@ -16,6 +16,7 @@ the same ids and the same scores to float32 rounding.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -51,54 +52,20 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int, *, chunk_rows
     """
     count, dim = vectors.shape
     k = min(k, count)
-    torch = _torch()
-    if torch is None:
-        return _exact_search_numpy(vectors, queries, k, chunk_rows, score_budget)
-    query = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    q_count = query.shape[0]
-    if q_count == 0 or k == 0:
-        return np.zeros((q_count, k), np.float32), np.zeros((q_count, k), np.int64)
-    chunk_rows = max(1, min(chunk_rows, count))
-    block = max(chunk_rows, (score_budget // q_count) // chunk_rows * chunk_rows)
-    buffer = torch.empty(chunk_rows, dim, dtype=torch.float32)
-    best_scores = best_ids = None
-    for start in range(0, count, block):
-        stop = min(start + block, count)
-        scores = torch.empty(q_count, stop - start, dtype=torch.float32)
-        for row in range(start, stop, chunk_rows):
-            end = min(row + chunk_rows, stop)
-            rows = buffer[:end - row]
-            _convert(rows, torch.from_numpy(np.asarray(vectors[row:end])))
-            torch.mm(query, rows.T, out=scores[:, row - start:end - start])
-        top_scores, top_ids = _block_topk(scores.numpy(), min(k, stop - start))
-        top_ids += start
-        if best_scores is None:
-            best_scores, best_ids = top_scores, top_ids
-        else:
-            best_scores, best_ids = _merge(best_scores, best_ids, top_scores, top_ids, k)
-    return best_scores, best_ids
-
-
-def _exact_search_numpy(vectors: np.ndarray, queries: np.ndarray, k: int, chunk_rows: int,
-                        score_budget: int) -> tuple[np.ndarray, np.ndarray]:
-    """``exact_search`` with numpy products: the same chunking, buffer and tie order."""
-    count, dim = vectors.shape
     query = np.ascontiguousarray(queries, dtype=np.float32)
     q_count = query.shape[0]
     if q_count == 0 or k == 0:
         return np.zeros((q_count, k), np.float32), np.zeros((q_count, k), np.int64)
     chunk_rows = max(1, min(chunk_rows, count))
     block = max(chunk_rows, (score_budget // q_count) // chunk_rows * chunk_rows)
-    buffer = np.empty((chunk_rows, dim), np.float32)
+    score_chunk = _chunk_scorer(query, chunk_rows, dim)
     best_scores = best_ids = None
     for start in range(0, count, block):
         stop = min(start + block, count)
         scores = np.empty((q_count, stop - start), np.float32)
         for row in range(start, stop, chunk_rows):
             end = min(row + chunk_rows, stop)
-            rows = buffer[:end - row]
-            np.copyto(rows, vectors[row:end], casting="unsafe")
-            scores[:, row - start:end - start] = query @ rows.T
+            score_chunk(vectors[row:end], scores[:, row - start:end - start])
         top_scores, top_ids = _block_topk(scores, min(k, stop - start))
         top_ids += start
         if best_scores is None:
@@ -106,6 +73,27 @@ def _exact_search_numpy(vectors: np.ndarray, queries: np.ndarray, k: int, chunk_
         else:
             best_scores, best_ids = _merge(best_scores, best_ids, top_scores, top_ids, k)
     return best_scores, best_ids
+
+
+def _chunk_scorer(query: np.ndarray, chunk_rows: int, dim: int) -> Callable[[np.ndarray, np.ndarray], None]:
+    """``score(rows, out)``: ``out[:] = query @ rows.T``, ``rows`` converted to float32 in one reused buffer;
+    torch's product when torch is loaded, numpy's otherwise."""
+    torch = _torch()
+    if torch is None:
+        buffer = np.empty((chunk_rows, dim), np.float32)
+
+        def score(rows: np.ndarray, out: np.ndarray) -> None:
+            part = buffer[:rows.shape[0]]
+            np.copyto(part, rows, casting="unsafe")
+            out[...] = query @ part.T
+        return score
+    torch_query, torch_buffer = torch.from_numpy(query), torch.empty(chunk_rows, dim, dtype=torch.float32)
+
+    def score(rows: np.ndarray, out: np.ndarray) -> None:
+        part = torch_buffer[:rows.shape[0]]
+        _convert(part, torch.from_numpy(np.asarray(rows)))
+        torch.mm(torch_query, part.T, out=torch.from_numpy(out))
+    return score
 
 
 def _block_topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

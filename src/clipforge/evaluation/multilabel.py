@@ -16,7 +16,7 @@ import torch
 
 from clipforge.errors import ClipforgeError
 from clipforge.evaluation.features import image_features
-from clipforge.evaluation.zero_shot import build_zero_shot_classifier
+from clipforge.evaluation.zero_shot import zero_shot_scores
 from clipforge.models.clip import CLIP
 
 
@@ -42,7 +42,8 @@ def evaluate_multilabel(model: CLIP, preprocess: Callable[[Any], torch.Tensor], 
     """
     classnames = list(classnames or dataset.classnames)
     templates = list(templates or ["{}"])
-    classifier = build_zero_shot_classifier(model, classnames, templates, precision=precision).float().cpu()
+    if not classnames:
+        raise ClipforgeError("no class names given; pass at least one label")
     skipped_files: list[dict[str, Any]] = []
     features, indices, skipped = image_features(model, dataset, preprocess, batch_size=batch_size,
                                                 num_workers=num_workers, precision=precision, cache_dir=cache_dir,
@@ -53,7 +54,8 @@ def evaluate_multilabel(model: CLIP, preprocess: Callable[[Any], torch.Tensor], 
     if targets.shape[1] != len(classnames):
         raise ClipforgeError(f"the dataset's label vectors have {targets.shape[1]} entries but {len(classnames)} "
                              "class names were given; give one name per vector entry")
-    per_class = average_precision_per_class(features @ classifier, targets)
+    per_class = average_precision_per_class(zero_shot_scores(model, features, classnames, templates, precision),
+                                            targets)
     return {"mean_average_precision": per_class.mean().item(), "num_samples": len(targets),
             "num_classes": len(classnames), "num_templates": len(templates),
             "average_precision_per_class": per_class.tolist(),  # in class-name order

@@ -130,6 +130,18 @@ def build_zero_shot_classifier(model: CLIP, classnames: Sequence[str], templates
     return F.normalize(per_class, dim=-1).t().to(device)
 
 
+def zero_shot_scores(model: CLIP, image_embeddings: torch.Tensor, classnames: Sequence[str],
+                     templates: Sequence[str], precision: str = "fp32") -> torch.Tensor:
+    """[N, C] class scores of L2-normalised image embeddings: cosine with the prompt-ensemble classifier,
+    or, for a model trained with a predictive objective, the prompts' likelihood (predictive_zero_shot.py)."""
+    if model.config.predictive_head is not None:
+        from clipforge.evaluation.predictive_zero_shot import predictive_scores
+
+        return predictive_scores(model, image_embeddings, classnames, templates)
+    return image_embeddings @ build_zero_shot_classifier(model, classnames, templates, precision=precision).float().cpu()
+
+
+@torch.no_grad()
 def evaluate_zero_shot(model: CLIP, preprocess: Callable[[Any], torch.Tensor], dataset,
                        classnames: Sequence[str] | None = None, templates: Sequence[str] | None = None, *,
                        batch_size: int = 128, num_workers: int = 2, precision: str = "fp32",
@@ -145,9 +157,8 @@ def evaluate_zero_shot(model: CLIP, preprocess: Callable[[Any], torch.Tensor], d
         from clipforge.evaluation.datasets import dataset_templates
 
         templates = dataset_templates(getattr(dataset, "name", "")) or ["{}"]
-    predictive = model.config.predictive_head is not None  # scored by likelihood, not cosine
-    classifier = None if predictive else \
-        build_zero_shot_classifier(model, classnames, templates, precision=precision).float().cpu()
+    if not classnames:
+        raise ClipforgeError("no class names given; pass at least one label")
     skipped_files: list[dict[str, Any]] = []
     features, indices, skipped = image_features(model, dataset, preprocess, batch_size=batch_size,
                                                 num_workers=num_workers, precision=precision,
@@ -158,12 +169,7 @@ def evaluate_zero_shot(model: CLIP, preprocess: Callable[[Any], torch.Tensor], d
     if labels.numel() and int(labels.max()) >= len(classnames):
         raise ClipforgeError(f"the dataset has label {int(labels.max())} but only {len(classnames)} class names "
                              "were given")
-    if predictive:
-        from clipforge.evaluation.predictive_zero_shot import predictive_scores
-
-        scores = predictive_scores(model, features, classnames, templates)
-    else:
-        scores = features @ classifier
+    scores = zero_shot_scores(model, features, classnames, templates, precision)
     metrics = classification_metrics(scores, labels, len(classnames))
     confusion = metrics.pop("confusion")
     if confusion_png is not None:

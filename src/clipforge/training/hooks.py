@@ -75,7 +75,7 @@ def _spec_hook(spec, model: CLIP, device: torch.device) -> EvalHook:
     """Zero-shot or retrieval on a dataset decoded once; each call embeds the cached pixels."""
     from clipforge.evaluation.datasets import load_classification, load_retrieval
     from clipforge.evaluation.metrics import classification_metrics, retrieval_metrics
-    from clipforge.evaluation.zero_shot import build_zero_shot_classifier, get_templates, read_templates
+    from clipforge.evaluation.zero_shot import get_templates, read_templates, zero_shot_scores
     from clipforge.transforms import image_transform
 
     if spec.name.lower().startswith("wds/"):
@@ -107,13 +107,7 @@ def _spec_hook(spec, model: CLIP, device: torch.device) -> EvalHook:
         from clipforge.evaluation.features import text_features
 
         if spec.task == "zero_shot":
-            if model.config.predictive_head is not None:  # the paper's baselines: scored by likelihood
-                from clipforge.evaluation.predictive_zero_shot import predictive_scores
-
-                scores = predictive_scores(model, embed_images(model), dataset.classnames, templates)
-            else:
-                classifier = build_zero_shot_classifier(model, dataset.classnames, templates).float().cpu()
-                scores = embed_images(model) @ classifier
+            scores = zero_shot_scores(model, embed_images(model), dataset.classnames, templates)
             metrics = classification_metrics(scores, labels, len(dataset.classnames))
             return {prefix + k: metrics[k] for k in ("top1", "top5", "mean_per_class_recall") if k in metrics}
         metrics = retrieval_metrics(embed_images(model), text_features(model, captions), owners)
@@ -169,7 +163,7 @@ def synthetic_zero_shot(model: CLIP, device: torch.device, seed: int, count: int
     colour and shape read off the predicted class. Chance: 1/28, 1/7, 1/4."""
     from clipforge.data.synthetic import COLOURS, SHAPES, single_shape_labels, synthetic_pair
     from clipforge.evaluation.metrics import classification_metrics
-    from clipforge.evaluation.zero_shot import build_zero_shot_classifier
+    from clipforge.evaluation.zero_shot import zero_shot_scores
     from clipforge.transforms import image_transform
 
     classnames = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
@@ -183,12 +177,7 @@ def synthetic_zero_shot(model: CLIP, device: torch.device, seed: int, count: int
     def hook(model: CLIP) -> dict[str, float]:
         features = torch.cat([model.encode_image(pixels[i:i + 256].to(device), normalize=True).float().cpu()
                               for i in range(0, len(pixels), 256)])
-        if model.config.predictive_head is not None:
-            from clipforge.evaluation.predictive_zero_shot import predictive_scores
-
-            scores = predictive_scores(model, features, classnames, templates)
-        else:
-            scores = features @ build_zero_shot_classifier(model, classnames, templates).float().cpu()
+        scores = zero_shot_scores(model, features, classnames, templates)
         metrics = classification_metrics(scores, labels, len(classnames))
         predicted = scores.argmax(dim=1)
         shapes = len(SHAPES)
